@@ -1,0 +1,155 @@
+"""The lightning indexer of DeepSeek Sparse Attention, and top-k selection.
+
+Per query token t and earlier token s the indexer scores
+``I[t, s] = Σ_h w[t, h] · ReLU(q[t, h] · k[s]) / √D`` with a few small heads (64 × 128 in V3.2) and one
+shared key per token; the top-k positions by ``I`` are the only ones MLA attends to.
+
+Two modes: ``exact`` (float32, what transformers computes; the reference) and ``fp8`` (DeepSeek's
+e4m3 quantization with ue8m0 power-of-two scales, one per head for q and one per token for k,
+optionally after an orthonormal Hadamard rotation that spreads outliers before rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import apply_neox
+
+IndexerMode = Literal["exact", "fp8"]
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_SCORE_BUDGET = 1 << 26  # float32 elements of one [chunk, heads, T] score slab (256 MiB)
+
+
+class IndexKeys(NamedTuple):
+    """Indexer keys of T tokens: ``values`` [..., T, D] (float, or float8_e4m3fn in fp8 mode) and
+    ``scale`` float32 [..., T] (ones in exact mode). The dequantized key is ``values · scale``."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return self.values.float() * self.scale.unsqueeze(-1)
+
+
+def ue8m0_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the last dim of x as one e4m3 block with a power-of-two scale.
+
+    x: [..., D] → (x8 float8_e4m3fn [..., D], scale float32 [...]) with ``x ≈ x8 · scale``.
+    """
+    amax = x.float().abs().amax(dim=-1).clamp(min=1e-4)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    x8 = (x.float() / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return x8, scale
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh–Hadamard transform of the last dim (a power of two). x: [..., D] → [..., D]."""
+    d = x.shape[-1]
+    if d & (d - 1):
+        raise ValueError(f"Hadamard rotation needs a power-of-two index_head_dim, got {d}")
+    h = torch.ones(1, 1, dtype=torch.float32, device=x.device)
+    while h.shape[0] < d:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return (x.float() @ h * d**-0.5).to(x.dtype)
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: scores every earlier token for each query token.
+
+    Weights: wq_b [Hi·D, q_lora_rank] (input: MLA's normalized q latent), wk [D, hidden],
+    k_norm LayerNorm [D] (float32), weights_proj [Hi, hidden] (float32 compute).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.index_n_heads
+        self.head_dim = config.index_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.topk = config.index_topk
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.mode: IndexerMode = "exact"
+        self.use_hadamard = False
+
+    def set_mode(self, mode: IndexerMode, hadamard: bool = False) -> None:
+        if mode not in ("exact", "fp8"):
+            raise ValueError(f"indexer mode must be 'exact' or 'fp8', got {mode!r}")
+        self.mode, self.use_hadamard = mode, hadamard
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # Rope part first, then the rest (V3.2's fixed layout): [pe | nope].
+        pe, nope = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat((apply_neox(pe, cos, sin), nope), dim=-1)
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> IndexKeys:
+        """x: [B, S, hidden]; cos/sin: [B, S, rope/2] → IndexKeys of [B, S, D] (what the cache stores)."""
+        k = self.wk(x)
+        k = F.layer_norm(k.float(), (self.head_dim,), self.k_norm.weight.float(), self.k_norm.bias.float(), 1e-6)
+        k = self._rope(k, cos, sin)
+        if self.use_hadamard:
+            k = hadamard(k)
+        if self.mode == "fp8":
+            return IndexKeys(*ue8m0_quantize(k))
+        return IndexKeys(k, torch.ones(k.shape[:-1], dtype=torch.float32, device=k.device))
+
+    def queries(
+        self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, S, hidden], qr: [B, S, q_lora_rank] → (q float32 [B, S, Hi, D], w float32 [B, S, Hi]).
+
+        ``w`` already holds ``Hi^-0.5 · D^-0.5`` (and q's FP8 scale is applied to q).
+        """
+        b, s, _ = x.shape
+        q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim).float()
+        q = self._rope(q, cos, sin)
+        if self.use_hadamard:
+            q = hadamard(q)
+        if self.mode == "fp8":
+            q8, q_scale = ue8m0_quantize(q)
+            q = q8.float() * q_scale.unsqueeze(-1)
+        w = F.linear(x.float(), self.weights_proj.weight.float())
+        return q, w * (self.n_heads**-0.5 * self.head_dim**-0.5)
+
+    @staticmethod
+    def scores(q: torch.Tensor, w: torch.Tensor, keys: IndexKeys) -> torch.Tensor:
+        """Index scores. q: [B, S, Hi, D], w: [B, S, Hi], keys of [B, T, D] → float32 [B, S, T].
+
+        Query rows are processed in slabs so memory stays bounded for 128K contexts.
+        """
+        k = keys.dequantize()
+        b, s, h, _ = q.shape
+        t = k.shape[1]
+        out = torch.empty(b, s, t, dtype=torch.float32, device=q.device)
+        step = max(1, _SCORE_BUDGET // max(1, b * h * t))
+        for lo in range(0, s, step):
+            hi = min(s, lo + step)
+            logits = torch.einsum("bshd,btd->bsht", q[:, lo:hi], k).relu_()
+            out[:, lo:hi] = torch.einsum("bsht,bsh->bst", logits, w[:, lo:hi])
+        return out
+
+
+def select_topk(
+    scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k causal selection.
+
+    scores: [B, S, T]; q_pos: Long [B, S]; k_pos: Long [B, T] (key j is visible to query i iff
+    k_pos[j] ≤ q_pos[i]) → (idx Long [B, S, K] into T, valid bool [B, S, K]) with K = min(k, T).
+    When fewer than K keys are visible every visible key is selected and the rest are invalid.
+    """
+    visible = k_pos[:, None, :] <= q_pos[:, :, None]
+    masked = scores.masked_fill(~visible, -math.inf)
+    kk = min(k, scores.shape[-1])
+    # A stable sort breaks ties (common: all heads' ReLU at zero) by the earlier position, so the
+    # selection does not depend on how many keys the call sees (full forward vs. decode step).
+    idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :kk]
+    valid = visible.gather(-1, idx)
+    return idx, valid
