@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from workers.model.config import ModelConfig, RopeScaling
+from workers.model.cache import gather_rows
 from workers.model.mla import MLA
 from workers.model.rope import YarnRotary, apply_interleaved, apply_neox
 
@@ -28,11 +29,12 @@ def test_sparse_gather_equals_dense_mask_reference():
     idx = torch.stack([torch.randperm(t)[:k] for _ in range(b * s)]).view(b, s, k)
     valid = torch.rand(b, s, k) > 0.3
     valid[..., 0] = True  # every query attends to something
-    sparse = mla.attend_sparse(q_nope, q_pe, latent, idx, valid)
+    gather = lambda sel: gather_rows(latent, sel)
+    sparse = mla.attend_sparse(q_nope, q_pe, gather, idx, valid)
     dense = mla.attend_dense(q_nope, q_pe, latent, idx, valid)
     assert torch.allclose(sparse, dense, atol=1e-5)
     # and the selection matters: a different valid set gives a different result
-    other = mla.attend_sparse(q_nope, q_pe, latent, idx, torch.ones_like(valid))
+    other = mla.attend_sparse(q_nope, q_pe, gather, idx, torch.ones_like(valid))
     assert not torch.allclose(sparse, other, atol=1e-3)
 
 
@@ -43,13 +45,20 @@ def test_sparse_gather_memory_is_bounded_by_k_not_t(monkeypatch):
     torch.manual_seed(1)
     mla = MLA(CFG)
     b, s, t, k = 1, 9, 64, 8
-    args = (
-        torch.randn(b, s, 4, 16), torch.randn(b, s, 4, 8), torch.randn(b, t, CFG.latent_dim),
-        torch.randint(0, t, (b, s, k)), torch.ones(b, s, k, dtype=torch.bool),
-    )
+    latent = torch.randn(b, t, CFG.latent_dim)
+    seen = []
+
+    def gather(sel):
+        seen.append(sel.shape[1])
+        return gather_rows(latent, sel)
+
+    args = (torch.randn(b, s, 4, 16), torch.randn(b, s, 4, 8), gather, torch.randint(0, t, (b, s, k)), torch.ones(b, s, k, dtype=torch.bool))
     whole = mla.attend_sparse(*args)
+    assert seen == [s]
+    seen.clear()
     monkeypatch.setattr(mla_mod, "_GATHER_BUDGET", k * CFG.latent_dim * 2)  # two queries per slab
     assert torch.allclose(mla.attend_sparse(*args), whole, atol=1e-6)
+    assert seen == [2, 2, 2, 2, 1]  # only K latents per query are ever materialized
 
 
 @pytest.mark.parametrize(

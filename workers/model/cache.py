@@ -1,7 +1,8 @@
 """The cache seen by the model: per layer, the MLA latent and the indexer keys of every token.
 
 The model talks to any cache through ``KVCache``; ``ContiguousKVCache`` is the simple dense
-implementation (tests, offline generation). The engine's paged cache implements the same protocol.
+implementation (tests, offline reference), ``LocalKV`` wraps the tokens of a cache-free forward, and
+the engine's paged cache (``kvstore.paged``) implements the same protocol over 64-token blocks.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .config import ModelConfig
-from .indexer import IndexKeys, IndexerMode
+from .indexer import IndexerMode, IndexKeys
+
+# Key position of a slot that holds nothing: above every query position, so never visible.
+EMPTY_POSITION = torch.iinfo(torch.long).max
 
 
 @runtime_checkable
@@ -23,21 +27,53 @@ class KVCache(Protocol):
     - ``write(layer, positions, latent, keys)`` stores token ``positions[b, s]`` of sequence b
       (positions: Long [B, S], latent: [B, S, C], keys: IndexKeys of [B, S, D]). The model writes a
       layer's new tokens before it reads that layer.
-    - ``read(layer)`` returns ``(latent [B, T, C], keys IndexKeys of [B, T, D], key_positions Long [B, T])``
-      holding at least every written token. An entry is attended by a query at position p only when
-      its key position is ≤ p, so slots never written must carry a position above every query of their
-      sequence (a sequence's queries are never ahead of what it has written).
+    - ``index_keys(layer)`` → ``(keys of [B, T, D], key_positions Long [B, T])``: every stored token
+      of each sequence; slot t of sequence b holds position ``key_positions[b, t]`` (``EMPTY_POSITION``
+      for a slot that holds nothing). A query at position p may attend to key positions ≤ p.
+    - ``gather_latents(layer, idx)`` with idx Long [B, S, K] (slot indices into T, as returned by
+      ``index_keys``) → latents [B, S, K, C]: only the selected ones are read.
+    - ``latents(layer)`` → [B, T, C]: all of them (the dense reference path only).
     """
 
     def write(self, layer: int, positions: torch.Tensor, latent: torch.Tensor, keys: IndexKeys) -> None: ...
 
-    def read(self, layer: int) -> tuple[torch.Tensor, IndexKeys, torch.Tensor]: ...
+    def index_keys(self, layer: int) -> tuple[IndexKeys, torch.Tensor]: ...
+
+    def gather_latents(self, layer: int, idx: torch.Tensor) -> torch.Tensor: ...
+
+    def latents(self, layer: int) -> torch.Tensor: ...
+
+
+def gather_rows(source: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """source [B, T, C], idx Long [B, S, K] → [B, S, K, C] (``source[b, idx[b, s, k]]``)."""
+    rows = torch.arange(source.shape[0], device=source.device)[:, None, None]
+    return source[rows, idx]
+
+
+class LocalKV:
+    """The S tokens of a forward without a cache, seen as a read-only KVCache of T = S slots."""
+
+    def __init__(self, latent: torch.Tensor, keys: IndexKeys, positions: torch.Tensor) -> None:
+        self._latent, self._keys, self._positions = latent, keys, positions
+
+    def write(self, layer: int, positions: torch.Tensor, latent: torch.Tensor, keys: IndexKeys) -> None:
+        raise RuntimeError("LocalKV is read-only")
+
+    def index_keys(self, layer: int) -> tuple[IndexKeys, torch.Tensor]:
+        return self._keys, self._positions
+
+    def gather_latents(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
+        return gather_rows(self._latent, idx)
+
+    def latents(self, layer: int) -> torch.Tensor:
+        return self._latent
 
 
 class ContiguousKVCache:
     """Dense per-sequence cache: latents [L, B, max_len, C], index keys [L, B, max_len, D] + scales.
 
-    ``num_layers`` counts the decoder layers plus any MTP layers that will use the cache.
+    Slot t of a sequence holds its position t. ``num_layers`` counts the decoder layers plus any MTP
+    layers that will use the cache.
     """
 
     def __init__(
@@ -57,7 +93,7 @@ class ContiguousKVCache:
         self.latent = torch.zeros(layers, batch_size, max_len, config.latent_dim, dtype=dtype, device=device)
         self.index_k = torch.zeros(layers, batch_size, max_len, config.index_head_dim, dtype=key_dtype, device=device)
         self.index_scale = torch.ones(layers, batch_size, max_len, dtype=torch.float32, device=device)
-        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens written per sequence
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # slots written per sequence
 
     def write(self, layer: int, positions: torch.Tensor, latent: torch.Tensor, keys: IndexKeys) -> None:
         if int(positions.max()) >= self.max_len:
@@ -69,9 +105,17 @@ class ContiguousKVCache:
         if layer == 0:
             self.length = torch.maximum(self.length, positions.max(dim=1).values + 1)
 
-    def read(self, layer: int) -> tuple[torch.Tensor, IndexKeys, torch.Tensor]:
-        t = int(self.length.max())
-        b = self.latent.shape[1]
-        key_pos = torch.arange(t, device=self.latent.device).expand(b, t)
-        keys = IndexKeys(self.index_k[layer, :, :t], self.index_scale[layer, :, :t])
-        return self.latent[layer, :, :t], keys, key_pos
+    def _t(self) -> int:
+        return int(self.length.max())
+
+    def index_keys(self, layer: int) -> tuple[IndexKeys, torch.Tensor]:
+        t = self._t()
+        pos = torch.arange(t, device=self.latent.device).expand(self.latent.shape[1], t)
+        pos = pos.masked_fill(pos >= self.length[:, None], EMPTY_POSITION)
+        return IndexKeys(self.index_k[layer, :, :t], self.index_scale[layer, :, :t]), pos
+
+    def gather_latents(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
+        return gather_rows(self.latent[layer], idx)
+
+    def latents(self, layer: int) -> torch.Tensor:
+        return self.latent[layer, :, : self._t()]

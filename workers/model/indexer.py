@@ -148,8 +148,13 @@ def select_topk(
     visible = k_pos[:, None, :] <= q_pos[:, :, None]
     masked = scores.masked_fill(~visible, -math.inf)
     kk = min(k, scores.shape[-1])
-    # A stable sort breaks ties (common: all heads' ReLU at zero) by the earlier position, so the
-    # selection does not depend on how many keys the call sees (full forward vs. decode step).
-    idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :kk]
+    values, idx = masked.topk(kk, dim=-1)
+    # Ties at the k-th score (common: every head's ReLU at zero) are broken by the earlier position,
+    # so the selection does not depend on how many keys a call sees (full forward vs. decode step).
+    # Only rows with such a tie pay for a stable sort.
+    kth = values[..., -1:]
+    tied = torch.isfinite(kth[..., 0]) & ((masked >= kth).sum(dim=-1) > kk)
+    if tied.any():
+        idx[tied] = masked[tied].sort(dim=-1, descending=True, stable=True).indices[..., :kk]
     valid = visible.gather(-1, idx)
     return idx, valid

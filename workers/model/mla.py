@@ -16,12 +16,13 @@ p qk_rope_head_dim, n qk_nope_head_dim, v v_head_dim.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, LocalKV
 from .config import ModelConfig
 from .indexer import Indexer, select_topk
 from .norm import RMSNorm
@@ -75,13 +76,13 @@ class MLA(nn.Module):
         latent = torch.cat((self.kv_norm(c_kv), apply_interleaved(k_pe, cos, sin)), dim=-1)
         keys = self.indexer.keys(x, cos, sin)
 
-        if cache is not None:
-            cache.write(layer, positions, latent, keys)
-            latent, keys, key_pos = cache.read(layer)
+        if cache is None:
+            cache = LocalKV(latent, keys, positions)
         else:
-            key_pos = positions
+            cache.write(layer, positions, latent, keys)
+        keys, key_pos = cache.index_keys(layer)
 
-        t = latent.shape[1]
+        t = key_pos.shape[1]
         if t <= self.topk:
             # Every visible position is selected: DSA is dense causal MLA here, no scoring needed.
             idx = torch.arange(t, device=x.device).expand(b, s, t)
@@ -91,9 +92,9 @@ class MLA(nn.Module):
             idx, valid = select_topk(Indexer.scores(iq, iw, keys), positions, key_pos, self.topk)
 
         if self.impl == "dense":
-            out = self.attend_dense(q_nope, q_pe, latent, idx, valid)
+            out = self.attend_dense(q_nope, q_pe, cache.latents(layer), idx, valid)
         else:
-            out = self.attend_sparse(q_nope, q_pe, latent, idx, valid)
+            out = self.attend_sparse(q_nope, q_pe, lambda sel: cache.gather_latents(layer, sel), idx, valid)
         return self.wo(out.flatten(2))
 
     def _wkv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,21 +122,27 @@ class MLA(nn.Module):
         return torch.einsum("bhst,bthd->bshd", probs, v)
 
     def attend_sparse(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        gather: Callable[[torch.Tensor], torch.Tensor],
+        idx: torch.Tensor,
+        valid: torch.Tensor,
     ) -> torch.Tensor:
         """Absorbed attention over the K gathered latents of each query.
 
-        q_nope [B, S, H, n], q_pe [B, S, H, p], latent [B, T, C], idx/valid [B, S, K] → [B, S, H, v].
+        q_nope [B, S, H, n], q_pe [B, S, H, p], idx/valid [B, S, K]; ``gather(idx[:, s0:s1])`` returns
+        the selected latents [B, s1-s0, K, C] (from a paged cache: only those blocks' rows are read)
+        → [B, S, H, v].
         """
         w_uk, w_uv = self._wkv_b()
         q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)
         b, s, k = idx.shape
         out = q_nope.new_empty(b, s, self.n_heads, self.rank)
-        step = max(1, _GATHER_BUDGET // max(1, b * k * latent.shape[-1]))
-        rows = torch.arange(b, device=latent.device)[:, None, None]
+        step = max(1, _GATHER_BUDGET // max(1, b * k * (self.rank + self.rope)))
         for lo in range(0, s, step):
             hi = min(s, lo + step)
-            sel = latent[rows, idx[:, lo:hi]]  # [B, s', K, C]: only the selected latents
+            sel = gather(idx[:, lo:hi])  # [B, s', K, C]: only the selected latents
             c_kv, k_pe = sel.split([self.rank, self.rope], dim=-1)
             scores = torch.einsum("bshr,bskr->bshk", q_lat[:, lo:hi], c_kv)
             scores = scores + torch.einsum("bshp,bskp->bshk", q_pe[:, lo:hi], k_pe)

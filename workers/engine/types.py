@@ -1,0 +1,147 @@
+"""Typed objects that cross the engine's boundary: requests, sampling parameters, outputs, KV handles.
+
+Plain dataclasses (no Ray, no protobuf): the router converts protobuf at the wire; Ray passes these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class RequestError(ValueError):
+    """A request field is invalid. ``field`` names it; the message says the limit."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` are off."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-n log-probabilities per generated token
+
+    MAX_LOGPROBS = 20
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise RequestError naming the first bad field and its limit."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise RequestError("max_tokens", f"must be ≥ 1, got {self.max_tokens}")
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
+            raise RequestError("temperature", f"must be in [0, 100], got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise RequestError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not (0 <= self.top_k <= vocab_size):
+            raise RequestError("top_k", f"must be in [0, {vocab_size}] (0 = off), got {self.top_k}")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise RequestError("seed", f"must be in [0, 2^63), got {self.seed}")
+        for t in self.stop_token_ids:
+            if not 0 <= t < vocab_size:
+                raise RequestError("stop_token_ids", f"token id {t} outside the vocabulary [0, {vocab_size})")
+        if any(not s for s in self.stop):
+            raise RequestError("stop", "stop strings must be non-empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
+            raise RequestError("logprobs", f"must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation request, already tokenized."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    cache_salt: str | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the top-n alternatives
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """An increment of a request's output: the new tokens since the last output of that request.
+
+    The last output of a request has ``finished`` set and ``finish_reason``; ``error`` explains an
+    ``"error"`` finish. ``ttft_s`` is set once the first token exists.
+    """
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finished: bool
+    usage: Usage
+    finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    ttft_s: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class LayoutFingerprint:
+    """What must agree for KV blocks to be meaningful on another worker."""
+
+    model_id: str
+    dtype: str
+    index_dtype: str
+    block_size: int
+    hash_version: int
+    num_layers: int
+    bytes_per_block: int
+
+
+@dataclass(frozen=True)
+class KVHandle:
+    """The prefilled KV of one request, held by a prefill worker under a lease until released.
+
+    ``block_ids`` are the holder's block ids (ceil(num_tokens / block_size) of them); ``first_token``
+    is the token sampled after the prompt; ``endpoint`` describes how to read the blocks (a transfer
+    backend's own data: an agent name and metadata, an object ref, or a local pool id).
+    """
+
+    worker_id: str
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_tokens: int
+    first_token: int
+    fingerprint: LayoutFingerprint
+    lease_expires_at: float
+    cached_tokens: int = 0
+    first_logprob: TokenLogprob | None = None
+    endpoint: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """What routing needs from a worker."""
+
+    worker_id: str
+    role: str
+    waiting: int
+    running: int
+    free_blocks: int
+    total_blocks: int
+    tokens_per_s: float = 0.0
