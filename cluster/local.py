@@ -1,0 +1,124 @@
+"""Local single-process mode: router-side logic + a prefill engine + a decode engine in one process,
+an in-memory block index, local KV transfer. The embedded default and the mode most tests use."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+
+from kvstore.transfer import LocalTransfer
+from router.backend import AdmissionError, ModelInfo
+from router.disagg import generate_disaggregated
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine
+from workers.engine.types import GenerateRequest, RequestOutput
+from workers.model.checkpoint import load_model
+from workers.worker import EngineLoop, EngineWorker
+
+DEFAULT_PRESET = "tiny"
+DEFAULT_SEED = 0
+
+
+def cache_dir() -> Path:
+    """Where the embedded default model lives: $DSASERVE_CACHE, else $XDG_CACHE_HOME/dsaserve."""
+    if os.environ.get("DSASERVE_CACHE"):
+        return Path(os.environ["DSASERVE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dsaserve"
+
+
+def default_model_dir() -> Path:
+    """The embedded default tiny model, written on first use (random weights, real tokenizer)."""
+    from workers.model.presets import load_preset
+    from workers.model.writer import copy_tokenizer, random_state_dict, write_checkpoint
+
+    path = cache_dir() / "models" / f"{DEFAULT_PRESET}-seed{DEFAULT_SEED}"
+    if (path / "config.json").is_file():
+        return path
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    config = load_preset(DEFAULT_PRESET)
+    write_checkpoint(tmp, config, random_state_dict(config, seed=DEFAULT_SEED))
+    copy_tokenizer(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(path)  # atomic: a concurrent first run never sees a half-written model
+    except OSError:
+        if not (path / "config.json").is_file():
+            raise
+    return path
+
+
+class LocalBackend:
+    """The ``Backend`` of local mode. Requests run prefill → KV handle → decode across two engines
+    (``disaggregate=True``, the default) or wholly on one engine."""
+
+    def __init__(self, model_dir: Path, engine_config: EngineConfig, *, disaggregate: bool = True, dtype=torch.float32) -> None:
+        self.model_dir = model_dir
+        self.engine_config = engine_config
+        model_id = model_dir.name
+        self.transfer = LocalTransfer()
+        decode_model = load_model(model_dir, dtype=dtype)
+        self.decode_engine = Engine(decode_model, engine_config, role="decode" if disaggregate else "both",
+                                    worker_id="decode-0", model_id=model_id, transfer=self.transfer)
+        engines = [self.decode_engine]
+        self.prefill_engine: Engine | None = None
+        if disaggregate:
+            # Both engines serve the same weights: share the module (read-only at inference).
+            self.prefill_engine = Engine(decode_model, engine_config, role="prefill", worker_id="prefill-0", model_id=model_id)
+            self.transfer.register("prefill-0", self.prefill_engine.storage)
+            engines.insert(0, self.prefill_engine)
+        self.loop = EngineLoop(engines).start()
+        self.decode = EngineWorker(self.decode_engine)
+        self.prefill = EngineWorker(self.prefill_engine) if self.prefill_engine else None
+        mc = decode_model.config
+        self._info = ModelInfo(
+            model_id=model_id, vocab_size=mc.vocab_size, max_context=self.decode_engine.max_model_len,
+            max_tokens_limit=self.decode_engine.max_model_len - 1, max_queue=engine_config.max_queue,
+            block_size=engine_config.block_size, eos_token_id=mc.eos_token_id, bos_token_id=mc.bos_token_id,
+            index_topk=mc.index_topk, has_tokenizer=(model_dir / "tokenizer.json").is_file(),
+        )
+        self._in_flight = 0
+        self._ids = itertools.count()
+
+    @classmethod
+    def start(cls, model_dir: str | Path | None = None, *, engine_config: EngineConfig | None = None, disaggregate: bool = True) -> "LocalBackend":
+        path = Path(model_dir) if model_dir is not None else default_model_dir()
+        return cls(path, engine_config or EngineConfig(), disaggregate=disaggregate)
+
+    def __enter__(self) -> "LocalBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.loop.stop()
+
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def stats(self) -> dict:
+        engines = [e for e in (self.prefill_engine, self.decode_engine) if e is not None]
+        return {"in_flight": self._in_flight, "workers": [vars(e.stats()) for e in engines]}
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        if self._in_flight >= self.engine_config.max_queue:
+            raise AdmissionError(f"admission queue full ({self.engine_config.max_queue} requests in flight)", retry_after_s=1.0)
+        if self.loop.error is not None:
+            from router.backend import BackendUnavailable
+
+            raise BackendUnavailable(f"engine loop stopped: {self.loop.error}")
+        self._in_flight += 1
+        try:
+            if self.prefill is None:
+                stream = self.decode.generate(req)
+            else:
+                stream = generate_disaggregated(req, self.prefill, self.decode, eos_token_id=self._info.eos_token_id,
+                                                max_model_len=self._info.max_context)
+            async for out in stream:
+                yield out
+        finally:
+            self._in_flight -= 1

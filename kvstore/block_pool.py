@@ -1,0 +1,104 @@
+"""BlockPool: KV block accounting (no tensors) with prefix reuse and LRU eviction.
+
+A block is *in use* while its reference count is positive (running sequences, leased handles). A
+free block may still hold a full, hashed block's KV: it stays findable by hash until it is reused,
+and free blocks are reused least-recently-freed first (LRU). ``on_event`` reports hashes that
+become findable ("stored") or stop being findable ("removed"), for the KV index.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from .hashing import BlockHash
+
+BlockEvent = Literal["stored", "removed"]
+
+
+class BlockPool:
+    """Reference-counted blocks ``0 .. num_blocks-1``."""
+
+    def __init__(self, num_blocks: int, on_event: Callable[[BlockEvent, BlockHash], None] | None = None) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be ≥ 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[BlockHash | None] = [None] * num_blocks
+        self.hash_to_block: dict[BlockHash, int] = {}
+        self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self._on_event = on_event
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that ``allocate`` can hand out (free, cached or not)."""
+        return len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def lookup(self, hashes: Sequence[BlockHash]) -> list[int]:
+        """Blocks holding the longest cached prefix of ``hashes`` (no references taken)."""
+        out = []
+        for h in hashes:
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            out.append(block)
+        return out
+
+    def acquire(self, blocks: Sequence[int]) -> None:
+        """Take a reference on each block (a prefix hit, or a second holder such as a lease)."""
+        for b in blocks:
+            if self.ref_count[b] == 0:
+                del self._free[b]
+            self.ref_count[b] += 1
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` fresh blocks with one reference each; evicts the least recently freed cached blocks."""
+        if n > len(self._free):
+            raise MemoryError(f"need {n} KV blocks, {len(self._free)} free")
+        out = []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            self._forget(b)
+            self.ref_count[b] = 1
+            out.append(b)
+        return out
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """Drop one reference from each block. Pass a sequence's blocks in order: they are freed
+        tail first, so a later eviction takes a prompt's last blocks before its shared prefix."""
+        for b in reversed(blocks):
+            if self.ref_count[b] <= 0:
+                raise RuntimeError(f"block {b} released more often than acquired")
+            self.ref_count[b] -= 1
+            if self.ref_count[b] == 0:
+                self._free[b] = None
+
+    def commit(self, block: int, block_hash: BlockHash) -> None:
+        """Mark ``block`` as holding the full block ``block_hash`` (findable by later requests)."""
+        if self.block_hash[block] == block_hash:
+            return
+        self._forget(block)
+        if block_hash in self.hash_to_block:
+            return  # another block already holds the same content; keep that one findable
+        self.block_hash[block] = block_hash
+        self.hash_to_block[block_hash] = block
+        if self._on_event:
+            self._on_event("stored", block_hash)
+
+    def _forget(self, block: int) -> None:
+        h = self.block_hash[block]
+        if h is None:
+            return
+        self.block_hash[block] = None
+        if self.hash_to_block.get(h) == block:
+            del self.hash_to_block[h]
+            if self._on_event:
+                self._on_event("removed", h)
+
+    def cached_hashes(self) -> list[BlockHash]:
+        """Every findable hash (to re-register with a restarted index)."""
+        return list(self.hash_to_block)

@@ -1,0 +1,97 @@
+"""Disaggregated prefill → decode for one request, with fallbacks.
+
+1. The prefill worker runs the prompt and returns a leased ``KVHandle`` with the first token, which
+   is streamed at once (that is the time to first token).
+2. The decode worker reads the blocks (KV transfer), the lease is released, decoding continues.
+3. A failed read never yields garbage: the decode worker recomputes the prompt plus the first token
+   itself (conditional fallback); only when that fails too does the client see an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from workers.engine.stop import finish_reason
+from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, Usage
+
+log = logging.getLogger(__name__)
+
+
+class PrefillWorker(Protocol):
+    """Contract: ``prefill`` returns a handle whose blocks stay leased until ``release``."""
+
+    async def prefill(self, request: GenerateRequest) -> KVHandle: ...
+
+    def release(self, request_id: str) -> None: ...
+
+
+class DecodeWorker(Protocol):
+    """Contract: ``decode`` reads the handle's blocks (calling ``on_read`` once, with the error or
+    None), raises the read error, then yields outputs; ``generate`` runs a whole request."""
+
+    def decode(self, request: GenerateRequest, handle: KVHandle, on_read) -> AsyncIterator[RequestOutput]: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]: ...
+
+
+async def generate_disaggregated(
+    request: GenerateRequest,
+    prefill: PrefillWorker,
+    decode: DecodeWorker,
+    *,
+    eos_token_id: int,
+    max_model_len: int,
+) -> AsyncIterator[RequestOutput]:
+    """Yield the request's outputs: the first token from prefill, the rest from decode."""
+    start = time.monotonic()
+    handle = await prefill.prefill(request)
+    ttft = time.monotonic() - start
+    params = request.params
+    prompt_len = len(request.prompt_token_ids)
+    reason = finish_reason(params, handle.first_token, 1, prompt_len + 1, eos_token_id, max_model_len)
+    first = RequestOutput(
+        request_id=request.request_id, new_token_ids=(handle.first_token,), finished=reason is not None,
+        usage=Usage(prompt_len, handle.cached_tokens, 1), finish_reason=reason,
+        logprobs=(handle.first_logprob,) if handle.first_logprob else (), ttft_s=ttft,
+    )
+    if reason is not None:
+        prefill.release(request.request_id)
+        yield first
+        return
+    yield first
+
+    released = False
+
+    def on_read(_err: Exception | None) -> None:
+        nonlocal released
+        released = True
+        prefill.release(request.request_id)  # read or failed: the holder's blocks are no longer needed
+
+    try:
+        async for out in decode.decode(request, handle, on_read):
+            yield dataclasses.replace(out, ttft_s=ttft)
+        return
+    except (RuntimeError, ValueError) as e:
+        log.warning("KV transfer for %s failed (%s); recomputing on the decode worker", request.request_id, e)
+    finally:
+        if not released:
+            prefill.release(request.request_id)
+    async for out in _recompute(request, handle, decode, ttft):
+        yield out
+
+
+async def _recompute(request: GenerateRequest, handle: KVHandle, decode: DecodeWorker, ttft: float) -> AsyncIterator[RequestOutput]:
+    """Run prompt + first token as a fresh request on the decode worker; report usage as the original."""
+    prompt_len = len(request.prompt_token_ids)
+    retry = dataclasses.replace(
+        request,
+        prompt_token_ids=tuple(request.prompt_token_ids) + (handle.first_token,),
+        params=dataclasses.replace(request.params, max_tokens=request.params.max_tokens - 1),
+    )
+    async for out in decode.generate(retry):
+        usage = Usage(prompt_len, handle.cached_tokens, out.usage.completion_tokens + 1)
+        yield dataclasses.replace(out, usage=usage, ttft_s=ttft, logprobs=out.logprobs)

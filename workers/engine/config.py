@@ -1,0 +1,36 @@
+"""EngineConfig: the knobs of one engine (frozen; the cluster's pydantic config maps onto it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Role = Literal["prefill", "decode", "both"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Capacity and scheduling limits of one engine.
+
+    ``num_blocks`` KV blocks of ``block_size`` tokens; each step runs at most
+    ``max_num_batched_tokens`` tokens (decode tokens plus prefill chunks) for at most ``max_num_seqs``
+    running sequences; ``max_model_len`` caps prompt + output (≤ the model's max positions).
+    """
+
+    num_blocks: int = 2048
+    block_size: int = 64
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_queue: int = 1024
+    lease_s: float = 30.0
+    indexer_mode: Literal["exact", "fp8"] | None = None  # None: exact in float32, fp8 otherwise
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine config {name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"engine config max_model_len must be ≥ 2, got {self.max_model_len}")
+        if self.lease_s <= 0:
+            raise ValueError(f"engine config lease_s must be > 0, got {self.lease_s}")

@@ -1,0 +1,315 @@
+"""Engine: model runner + paged KV + scheduler + sampler, in one of three roles.
+
+- ``both``: runs whole requests.
+- ``prefill``: runs the prompt, samples the first token, and hands the KV over as a ``KVHandle``;
+  the blocks stay leased until ``release`` (or lease expiry).
+- ``decode``: ``import_kv`` pulls a handle's blocks through a ``KVTransfer`` and continues decoding.
+  It can still prefill: a preempted sequence is recomputed locally.
+
+Thread model: ``add_request``/``import_kv``/``abort``/``release`` may be called from any thread; they
+queue commands that ``step()`` applies on the engine's own thread, so scheduling state has one owner.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.block_pool import BlockEvent, BlockPool
+from kvstore.hashing import HASH_VERSION, BlockHash, first_block_extra, self_test
+from kvstore.paged import BlockLayout, PagedKVStorage
+from kvstore.transfer import KVTransfer, TransferError
+from workers.model.model import DeepseekV32
+
+from .config import EngineConfig, Role
+from .runner import ModelRunner
+from .sampler import make_generator, sample
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import Sequence, SeqStatus
+from .stop import finish_reason
+from .types import GenerateRequest, KVHandle, LayoutFingerprint, RequestOutput, Usage, WorkerStats
+
+Sink = Callable[[RequestOutput | KVHandle], None]
+
+
+@dataclass
+class _Import:
+    request: GenerateRequest
+    handle: KVHandle
+    sink: Sink
+    on_read: Callable[[Exception | None], None]
+
+
+class Engine:
+    """One model replica's serving loop. See the module docstring for roles and threading."""
+
+    def __init__(
+        self,
+        model: DeepseekV32,
+        config: EngineConfig,
+        *,
+        role: Role = "both",
+        worker_id: str = "worker-0",
+        model_id: str = "model",
+        transfer: KVTransfer | None = None,
+        on_block_event: Callable[[BlockEvent, BlockHash], None] | None = None,
+    ) -> None:
+        self_test()
+        mc = model.config
+        self.model, self.config, self.role = model, config, role
+        self.worker_id, self.model_id, self.transfer = worker_id, model_id, transfer
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        mode = config.indexer_mode or ("exact" if model.embed.weight.dtype == torch.float32 else "fp8")
+        model.configure(indexer=mode)
+        dtype = model.embed.weight.dtype
+        self.layout = BlockLayout(
+            num_layers=mc.num_hidden_layers, block_size=config.block_size, latent_dim=mc.latent_dim,
+            latent_dtype=dtype, index_dim=mc.index_head_dim,
+            index_dtype=torch.float8_e4m3fn if mode == "fp8" else torch.float32,
+        )
+        self.storage = PagedKVStorage(self.layout, config.num_blocks, device=model.embed.weight.device)
+        self.pool = BlockPool(config.num_blocks, on_event=on_block_event)
+        self.scheduler = Scheduler(config, self.pool)
+        self.runner = ModelRunner(model, self.storage)
+        self.fingerprint = LayoutFingerprint(
+            model_id=model_id, dtype=str(dtype).removeprefix("torch."), index_dtype=mode,
+            block_size=config.block_size, hash_version=HASH_VERSION, num_layers=mc.num_hidden_layers,
+            bytes_per_block=self.layout.bytes_per_block,
+        )
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self.wake_event = threading.Event()  # an EngineLoop shares one across its engines
+        self._seqs: dict[str, Sequence] = {}
+        self._sinks: dict[str, Sink] = {}
+        self._leases: dict[str, tuple[Sequence, float]] = {}
+        self._imports: list[_Import] = []
+        self._tokens_done = 0
+        self._started = time.monotonic()
+
+    # ------------------------------------------------------------------ any thread
+    def add_request(self, request: GenerateRequest, sink: Sink) -> None:
+        self._inbox.put(("add", request, sink))
+        self.wake_event.set()
+
+    def import_kv(self, request: GenerateRequest, handle: KVHandle, sink: Sink, on_read: Callable[[Exception | None], None]) -> None:
+        self._inbox.put(("import", _Import(request, handle, sink, on_read)))
+        self.wake_event.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self.wake_event.set()
+
+    def release(self, request_id: str) -> None:
+        """Drop the lease on a handed-off request's blocks (the decode worker has read them)."""
+        self._inbox.put(("release", request_id))
+        self.wake_event.set()
+
+    def stats(self) -> WorkerStats:
+        elapsed = max(1e-9, time.monotonic() - self._started)
+        return WorkerStats(
+            worker_id=self.worker_id, role=self.role, waiting=len(self.scheduler.waiting) + len(self._imports),
+            running=len(self.scheduler.running), free_blocks=self.pool.num_free,
+            total_blocks=self.config.num_blocks, tokens_per_s=self._tokens_done / elapsed,
+        )
+
+    # ------------------------------------------------------------------ engine thread
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running or self._imports or self._leases or not self._inbox.empty())
+
+    def step(self) -> bool:
+        """Apply queued commands, run one scheduled batch, emit outputs. True if a forward ran."""
+        self._drain_inbox()
+        self._expire_leases()
+        self._try_imports()
+        out = self.scheduler.schedule()
+        if not out:
+            return False
+        self._run(out)
+        return True
+
+    def _run(self, out: SchedulerOutput) -> None:
+        sampled: list[tuple[Sequence, torch.Tensor]] = []
+        if out.decodes:
+            logits = self.runner.decode(out.decodes)
+            for seq, row in zip(out.decodes, logits):
+                seq.num_computed_tokens += 1
+                sampled.append((seq, row))
+        for seq, n in out.prefills:
+            logits = self.runner.prefill(seq, n)
+            seq.num_computed_tokens += n
+            if seq.num_pending == 0:
+                sampled.append((seq, logits))
+        self._tokens_done += out.num_tokens
+        for seq in out.decodes + [s for s, _ in out.prefills]:
+            self._commit_blocks(seq)
+        if sampled:
+            seqs = [s for s, _ in sampled]
+            tokens, logprobs = sample(torch.stack([l for _, l in sampled]), [s.request.params for s in seqs], [s.generator for s in seqs])
+            for seq, token, lp in zip(seqs, tokens, logprobs):
+                self._append(seq, token, lp)
+
+    def _commit_blocks(self, seq: Sequence) -> None:
+        bs = self.config.block_size
+        full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        if full > seq.committed_blocks:
+            hashes = seq.full_block_hashes(bs, full * bs)
+            for i in range(seq.committed_blocks, full):
+                self.pool.commit(seq.block_table[i], hashes[i])
+            seq.committed_blocks = full
+
+    def _append(self, seq: Sequence, token: int, logprob) -> None:
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        if seq.handoff and seq.num_output_tokens == 1:
+            self._hand_off(seq)
+            return
+        reason = finish_reason(seq.request.params, token, seq.num_output_tokens, len(seq.token_ids), self.model.config.eos_token_id, self.max_model_len)
+        self._emit(seq, reason)
+        if reason is not None:
+            self._finish(seq)
+
+    def _emit(self, seq: Sequence, reason, error: str | None = None) -> None:
+        new = tuple(seq.token_ids[seq.prompt_len + seq.emitted :])
+        lps = tuple(seq.logprobs[seq.emitted :]) if seq.logprobs else ()
+        seq.emitted = seq.num_output_tokens
+        ttft = None if seq.first_token_time is None else seq.first_token_time - seq.arrival
+        sink = self._sinks.get(seq.request_id)
+        if sink is not None:
+            sink(RequestOutput(
+                request_id=seq.request_id, new_token_ids=new, finished=reason is not None,
+                usage=Usage(seq.prompt_len, seq.num_cached_tokens, seq.num_output_tokens),
+                finish_reason=reason, logprobs=lps, ttft_s=ttft, error=error,
+            ))
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self.pool.release(seq.block_table)
+        seq.block_table = []
+        seq.status = SeqStatus.FINISHED
+        self._seqs.pop(seq.request_id, None)
+        self._sinks.pop(seq.request_id, None)
+
+    def _hand_off(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        seq.status = SeqStatus.LEASED
+        expires = time.time() + self.config.lease_s
+        self._leases[seq.request_id] = (seq, expires)
+        handle = KVHandle(
+            worker_id=self.worker_id, request_id=seq.request_id, block_ids=tuple(seq.block_table),
+            num_tokens=seq.num_computed_tokens, first_token=seq.token_ids[-1], fingerprint=self.fingerprint,
+            lease_expires_at=expires, cached_tokens=seq.num_cached_tokens,
+            first_logprob=seq.logprobs[0] if seq.logprobs else None,
+        )
+        sink = self._sinks.pop(seq.request_id, None)
+        self._seqs.pop(seq.request_id, None)
+        if sink is not None:
+            sink(handle)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            kind = cmd[0]
+            if kind == "add":
+                self._add(cmd[1], cmd[2])
+            elif kind == "import":
+                self._imports.append(cmd[1])
+            elif kind == "abort":
+                self._abort(cmd[1])
+            elif kind == "release":
+                lease = self._leases.pop(cmd[1], None)
+                if lease is not None:
+                    self.pool.release(lease[0].block_table)
+
+    def _add(self, request: GenerateRequest, sink: Sink) -> None:
+        seq = self._new_sequence(request, list(request.prompt_token_ids))
+        seq.handoff = self.role == "prefill"
+        self._sinks[request.request_id] = sink
+        error = self._capacity_error(len(seq.token_ids), request.params.max_tokens)
+        if error:
+            self._emit(seq, "error", error)
+            self._sinks.pop(request.request_id, None)
+            return
+        self._seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _new_sequence(self, request: GenerateRequest, token_ids: list[int]) -> Sequence:
+        return Sequence(
+            request=request, token_ids=token_ids, prompt_len=len(request.prompt_token_ids),
+            extra=first_block_extra(self.model_id, request.cache_salt), generator=make_generator(request.params),
+        )
+
+    def _capacity_error(self, prompt_len: int, max_tokens: int) -> str | None:
+        if prompt_len + (1 if self.role == "prefill" else max_tokens) > self.max_model_len:
+            return f"prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds max_model_len ({self.max_model_len})"
+        need = -(-min(prompt_len + max_tokens, self.max_model_len) // self.config.block_size)
+        if need > self.config.num_blocks:
+            return f"request needs {need} KV blocks; this worker has {self.config.num_blocks}"
+        return None
+
+    def _abort(self, request_id: str) -> None:
+        lease = self._leases.pop(request_id, None)
+        if lease is not None:
+            self.pool.release(lease[0].block_table)
+        self._imports = [imp for imp in self._imports if imp.request.request_id != request_id]
+        seq = self._seqs.get(request_id)
+        if seq is not None:
+            self._finish(seq)
+
+    def _expire_leases(self) -> None:
+        now = time.time()
+        for rid, (seq, expires) in list(self._leases.items()):
+            if expires < now:
+                del self._leases[rid]
+                self.pool.release(seq.block_table)
+
+    def _try_imports(self) -> None:
+        pending = []
+        for imp in self._imports:
+            if not self._import_one(imp):
+                pending.append(imp)
+        self._imports = pending
+
+    def _import_one(self, imp: _Import) -> bool:
+        """Pull a handle's blocks and start decoding; False to retry when blocks are short."""
+        handle, request = imp.handle, imp.request
+        if handle.fingerprint != self.fingerprint:
+            imp.on_read(TransferError(f"KV layout mismatch: holder {handle.fingerprint} vs this worker {self.fingerprint}"))
+            return True
+        if self.transfer is None:
+            imp.on_read(TransferError(f"worker {self.worker_id} has no KV transfer backend"))
+            return True
+        error = self._capacity_error(len(request.prompt_token_ids), request.params.max_tokens)
+        if error:
+            imp.on_read(TransferError(error))
+            return True
+        if not self.pool.can_allocate(len(handle.block_ids)):
+            return False
+        blocks = self.pool.allocate(len(handle.block_ids))
+        try:
+            self.transfer.read(handle, self.storage, blocks)
+        except Exception as e:  # any failure: free what we took, report, never decode garbage
+            self.pool.release(blocks)
+            imp.on_read(e if isinstance(e, TransferError) else TransferError(str(e)))
+            return True
+        seq = self._new_sequence(request, list(request.prompt_token_ids) + [handle.first_token])
+        seq.block_table, seq.num_computed_tokens = blocks, handle.num_tokens
+        seq.num_cached_tokens, seq.emitted, seq.admitted_once = handle.cached_tokens, 1, True
+        seq.first_token_time = time.monotonic()
+        if handle.first_logprob is not None:
+            seq.logprobs.append(handle.first_logprob)
+        self._commit_blocks(seq)
+        self._seqs[request.request_id] = seq
+        self._sinks[request.request_id] = imp.sink
+        self.scheduler.add_running(seq)
+        imp.on_read(None)
+        return True

@@ -1,0 +1,140 @@
+"""Scheduler: picks each step's work within a token budget (continuous batching, chunked prefill).
+
+Order each step: (1) running sequences that decode (one token each), (2) running sequences with an
+unfinished prefill, continuing in chunks, (3) waiting sequences, first come first served, each
+starting from its longest cached prefix. When blocks run out for a running sequence, the most
+recently admitted running sequence is preempted: its blocks are released (full ones stay cached)
+and it goes back to the front of the queue to be recomputed — never a crash.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvstore.block_pool import BlockPool
+
+from .config import EngineConfig
+from .sequence import Sequence, SeqStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work: decodes run as one [B, 1] batch; each prefill chunk as [1, n]."""
+
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+class Scheduler:
+    """Owns the waiting queue and the running set; block accounting through ``BlockPool``."""
+
+    def __init__(self, config: EngineConfig, pool: BlockPool) -> None:
+        self.config = config
+        self.pool = pool
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence whose blocks are already allocated (an imported KV handle)."""
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished, aborted, or handed off); its blocks are the caller's."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        bs = self.config.block_size
+        return -(-(seq.num_computed_tokens + n) // bs) - len(seq.block_table)
+
+    def _grow(self, seq: Sequence, n: int) -> bool:
+        need = self._blocks_needed(seq, n)
+        if need <= 0:
+            return True
+        if not self.pool.can_allocate(need):
+            return False
+        seq.block_table.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, out: SchedulerOutput, protect: Sequence) -> bool:
+        """Preempt the latest running sequence other than ``protect``; False if there is none."""
+        for victim in reversed(self.running):
+            if victim is protect or victim in out.decodes or any(victim is s for s, _ in out.prefills):
+                continue
+            self.running.remove(victim)
+            self.pool.release(victim.block_table)
+            victim.block_table = []
+            victim.num_computed_tokens = 0
+            victim.committed_blocks = 0
+            victim.status = SeqStatus.WAITING
+            self.waiting.appendleft(victim)
+            out.preempted.append(victim)
+            return True
+        return False
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq not in self.running:  # preempted while making room for an earlier one
+                continue
+            n = min(seq.num_pending, budget)
+            while not self._grow(seq, n):
+                if not self._preempt(out, protect=seq):
+                    break
+            else:
+                (out.decodes.append(seq) if seq.num_pending == 1 else out.prefills.append((seq, n)))
+                budget -= n
+                continue
+            # Could not fit even alone: it waits for blocks (another sequence may finish first).
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self._take_prefix(seq)
+            n = min(seq.num_pending, budget)
+            if not self._grow(seq, n):
+                self._untake_prefix(seq)
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            seq.admitted_once = True
+            self.running.append(seq)
+            (out.decodes.append(seq) if seq.num_pending == 1 else out.prefills.append((seq, n)))
+            budget -= n
+        return out
+
+    def _take_prefix(self, seq: Sequence) -> None:
+        """Start ``seq`` from its longest cached prefix (at least one token is always computed)."""
+        bs = self.config.block_size
+        hashes = seq.full_block_hashes(bs, len(seq.token_ids) - 1)
+        hit = self.pool.lookup(hashes)
+        self.pool.acquire(hit)
+        seq.block_table = list(hit)
+        seq.num_computed_tokens = len(hit) * bs
+        seq.committed_blocks = len(hit)
+        if not seq.admitted_once:
+            seq.num_cached_tokens = min(seq.num_computed_tokens, seq.prompt_len)
+
+    def _untake_prefix(self, seq: Sequence) -> None:
+        self.pool.release(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.committed_blocks = 0

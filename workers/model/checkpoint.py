@@ -1,0 +1,206 @@
+"""Load a Hugging Face DeepSeek-V3.2 checkpoint into ``DeepseekV32``.
+
+Layout read: ``config.json`` plus either one ``model.safetensors`` or shards listed by
+``model.safetensors.index.json`` (``{"metadata": ..., "weight_map": {hf_name: file}}``) — DeepSeek's
+releases (FP8 weights with ``.weight_scale_inv``) and transformers' ``save_pretrained`` output alike.
+
+Everything is checked from the safetensors headers before any weight is read, so a broken checkpoint
+fails fast with a message naming the tensor. Weights are then read one at a time from memory-mapped
+files, dequantized/cast, and assigned into a model built on the meta device: the checkpoint is never
+held twice in RAM.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+
+from workers.model.config import ModelConfig
+from workers.model.fp8 import dequantize_weight, scale_shape
+from workers.model.names import SCALE_SUFFIX, hf_to_internal, internal_to_hf, scale_name
+from workers.model.shards import FP8_DTYPE_NAME, CheckpointError, TensorInfo, checkpoint_tensors
+
+if TYPE_CHECKING:
+    from workers.model.model import DeepseekV32
+
+FLOAT_DTYPE_NAMES = frozenset({FP8_DTYPE_NAME, "BF16", "F16", "F32", "F64"})
+DEFAULT_BLOCK = (128, 128)
+PROGRESS_THRESHOLD_BYTES = 2**30
+# Routing is decided by a sum with this bias; bf16 rounding would change which experts win.
+FP32_INTERNAL_SUFFIXES = ("ffn.gate.bias",)
+
+
+@dataclass(frozen=True)
+class _Load:
+    internal: str
+    weight: TensorInfo
+    scale: TensorInfo | None
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    load_mtp: bool = False,
+    progress: bool | None = None,
+) -> "DeepseekV32":
+    """Build ``DeepseekV32`` from a checkpoint folder.
+
+    Args:
+        path: folder with ``config.json`` and safetensors weights.
+        dtype: floating dtype of the weights (FP8 weights are dequantized into it); the MoE gate's
+            correction bias always stays float32.
+        device: where the weights end up (each tensor is moved as it is read).
+        load_mtp: also load the multi-token-prediction layers (``model.layers.{N+j}``); when False
+            they are skipped, present or not.
+        progress: progress line on stderr; None = only for checkpoints over 1 GiB.
+
+    Raises:
+        ConfigError: ``config.json`` missing or invalid (names the key).
+        CheckpointError: missing, unexpected or mis-shaped tensor, FP8 weight without its scale, scale
+            of the wrong shape (names the tensor).
+    """
+    from workers.model.model import DeepseekV32
+
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ValueError(f"dtype must be a 16/32/64-bit float dtype, got {dtype}")
+    root = Path(path)
+    config = ModelConfig.from_hf(root)
+    if load_mtp and config.num_nextn_predict_layers == 0:
+        raise CheckpointError(f"load_mtp=True but {root / 'config.json'} has num_nextn_predict_layers = 0")
+    tensors = checkpoint_tensors(root)
+    with torch.device("meta"):
+        model = DeepseekV32(config, with_mtp=load_mtp)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    plan = _plan(config, tensors, expected, load_mtp)
+
+    block = _block(config)
+    total_bytes = sum(p.weight.nbytes + (p.scale.nbytes if p.scale else 0) for p in plan)
+    show = total_bytes > PROGRESS_THRESHOLD_BYTES if progress is None else progress
+    state: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack, _Progress(len(plan), show) as bar:
+        handles: dict[Path, Any] = {}
+
+        def read(info: TensorInfo) -> torch.Tensor:
+            if info.file not in handles:
+                handles[info.file] = stack.enter_context(safe_open(str(info.file), framework="pt", device="cpu"))
+            return handles[info.file].get_tensor(info.name)
+
+        for item in plan:
+            target = torch.float32 if item.internal.endswith(FP32_INTERNAL_SUFFIXES) else dtype
+            weight = read(item.weight).to(device)
+            if item.scale is not None:
+                weight = dequantize_weight(weight, read(item.scale).to(device), block, target)
+            state[item.internal] = weight.to(target)
+            bar.update()
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _plan(
+    config: ModelConfig, tensors: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], load_mtp: bool
+) -> list[_Load]:
+    """Match checkpoint tensors to the model's state, or raise naming the first problem."""
+    block = _block(config)
+    layers = config.num_hidden_layers
+    problems: list[str] = []
+    loads: dict[str, _Load] = {}
+    seen: set[str] = set()  # internal names present in the file, loadable or not
+    for name, info in tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            weight = tensors.get(name[: -len(SCALE_SUFFIX)] + ".weight")
+            if weight is None:
+                problems.append(f"unexpected tensor {name!r}: a scale without its weight")
+            elif weight.dtype != FP8_DTYPE_NAME:
+                problems.append(f"unexpected tensor {name!r}: its weight is {weight.dtype}, not FP8")
+            continue
+        internal = hf_to_internal(name, layers)
+        if internal is None:
+            problems.append(f"unexpected tensor {name!r}: not a DeepSeek-V3.2 tensor name")
+            continue
+        if internal.startswith("mtp.") and not load_mtp and _mtp_index(internal) < config.num_nextn_predict_layers:
+            continue
+        if internal not in expected:
+            problems.append(f"unexpected tensor {name!r} (internal {internal!r}): not part of a model with this config")
+            continue
+        seen.add(internal)
+        if info.dtype not in FLOAT_DTYPE_NAMES:
+            problems.append(f"tensor {name!r}: unsupported dtype {info.dtype}")
+            continue
+        if info.shape != expected[internal]:
+            problems.append(f"tensor {name!r}: expected shape {list(expected[internal])}, got {list(info.shape)}")
+            continue
+        scale = None
+        if info.dtype == FP8_DTYPE_NAME:
+            scale = tensors.get(scale_name(name))
+            if scale is None:
+                problems.append(f"tensor {name!r} is FP8 but its scale {scale_name(name)!r} is missing")
+                continue
+            want = scale_shape(info.shape, block)
+            if scale.shape != want:
+                problems.append(
+                    f"tensor {scale.name!r}: expected shape {list(want)} (weight {list(info.shape)}, "
+                    f"block {list(block)}), got {list(scale.shape)}"
+                )
+                continue
+        loads[internal] = _Load(internal, info, scale)
+    for internal, shape in expected.items():
+        if internal not in seen:
+            problems.append(f"missing tensor {_hf_name(internal, layers)!r} (expected shape {list(shape)})")
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise CheckpointError(problems[0] + more)
+    # Read in on-disk order: sequential access over memory-mapped shards.
+    return sorted(loads.values(), key=lambda p: (str(p.weight.file), p.weight.offset))
+
+
+def _block(config: ModelConfig) -> tuple[int, int]:
+    return config.quantization_config.weight_block_size if config.quantization_config else DEFAULT_BLOCK
+
+
+def _mtp_index(internal: str) -> int:
+    return int(internal.split(".")[1])
+
+
+def _hf_name(internal: str, num_hidden_layers: int) -> str:
+    try:
+        return internal_to_hf(internal, num_hidden_layers)
+    except KeyError:
+        return internal
+
+
+class _Progress:
+    """Tensors-loaded counter on stderr: tqdm when installed, a plain ``\\r`` line otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.done = total, enabled, 0
+        self._bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self._bar = tqdm(total=total, desc="loading", unit="tensor", file=sys.stderr)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def update(self) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update()
+        elif self.enabled and (self.done == self.total or self.done % max(1, self.total // 100) == 0):
+            print(f"\rloading {self.done}/{self.total} tensors", end="", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)

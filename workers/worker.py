@@ -1,0 +1,147 @@
+"""EngineLoop (a thread stepping engines) and EngineWorker (an engine's asyncio face).
+
+Plain classes: local mode runs them in-process; cluster mode wraps the same worker in a Ray Serve
+deployment. No Ray imports here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from workers.engine.engine import Engine
+from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerStats
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    """Steps its engines round-robin on one daemon thread; sleeps while none has work."""
+
+    def __init__(self, engines: list[Engine], name: str = "dsaserve-engine") -> None:
+        self.engines = engines
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        for engine in engines:
+            engine.wake_event = self._wake  # one event wakes the loop whichever engine got work
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                busy = False
+                for engine in self.engines:
+                    busy = engine.step() or busy
+                if not busy:
+                    # Idle until a command arrives; the timeout keeps lease expiry ticking.
+                    self._wake.wait(0.05)
+        except BaseException as e:  # a crash must not hang every caller forever
+            self.error = e
+            log.exception("engine loop crashed")
+
+
+class WorkerError(RuntimeError):
+    """The engine finished a request with an error (capacity, transfer)."""
+
+
+class EngineWorker:
+    """Async calls into an Engine running on an EngineLoop thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @property
+    def worker_id(self) -> str:
+        return self.engine.worker_id
+
+    def stats(self) -> WorkerStats:
+        return self.engine.stats()
+
+    def release(self, request_id: str) -> None:
+        """Drop the lease on a prefilled request's blocks."""
+        self.engine.release(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Whole request on this engine (role ``both``, or a fallback). Closing the iterator aborts."""
+        queue = self._bridge()
+        self.engine.add_request(request, queue.put_threadsafe)
+        async for out in self._drain(queue, request.request_id):
+            yield out
+
+    async def prefill(self, request: GenerateRequest) -> KVHandle:
+        """Prefill on a ``prefill``-role engine → the leased KV handle (first token included)."""
+        queue = self._bridge()
+        self.engine.add_request(request, queue.put_threadsafe)
+        try:
+            item = await queue.get()
+        except BaseException:
+            self.engine.abort(request.request_id)
+            raise
+        if isinstance(item, RequestOutput):
+            raise WorkerError(item.error or f"prefill finished with {item.finish_reason}")
+        return item
+
+    async def decode(self, request: GenerateRequest, handle: KVHandle, on_read) -> AsyncIterator[RequestOutput]:
+        """Import ``handle`` and decode. ``on_read(error | None)`` runs (engine thread) once the blocks
+        are read or the read failed; on failure this raises the TransferError."""
+        queue = self._bridge()
+        loop = asyncio.get_running_loop()
+        read_done: asyncio.Future = loop.create_future()
+
+        def _on_read(err: Exception | None) -> None:
+            on_read(err)
+            loop.call_soon_threadsafe(lambda: read_done.done() or read_done.set_result(err))
+
+        self.engine.import_kv(request, handle, queue.put_threadsafe, _on_read)
+        try:
+            err = await read_done
+        except BaseException:
+            self.engine.abort(request.request_id)
+            raise
+        if err is not None:
+            raise err
+        async for out in self._drain(queue, request.request_id):
+            yield out
+
+    def _bridge(self) -> "_ThreadQueue":
+        return _ThreadQueue(asyncio.get_running_loop())
+
+    async def _drain(self, queue: "_ThreadQueue", request_id: str) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                yield out
+                if out.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
+
+
+class _ThreadQueue(asyncio.Queue):
+    """An asyncio.Queue that the engine thread can put into."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._loop_ref = loop
+
+    def put_threadsafe(self, item) -> None:
+        self._loop_ref.call_soon_threadsafe(self.put_nowait, item)
