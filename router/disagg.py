@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from workers.engine.stop import finish_reason
-from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, Usage
+from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, Usage, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,15 @@ async def generate_disaggregated(
 ) -> AsyncIterator[RequestOutput]:
     """Yield the request's outputs: the first token from prefill, the rest from decode."""
     start = time.monotonic()
-    handle = await prefill.prefill(request)
-    ttft = time.monotonic() - start
     params = request.params
     prompt_len = len(request.prompt_token_ids)
+    try:
+        handle = await prefill.prefill(request)
+    except WorkerError as e:
+        yield RequestOutput(request_id=request.request_id, new_token_ids=(), finished=True,
+                            usage=Usage(prompt_len, 0, 0), finish_reason="error", error=str(e))
+        return
+    ttft = time.monotonic() - start
     reason = finish_reason(params, handle.first_token, 1, prompt_len + 1, eos_token_id, max_model_len)
     first = RequestOutput(
         request_id=request.request_id, new_token_ids=(handle.first_token,), finished=reason is not None,

@@ -12,7 +12,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from workers.engine.engine import Engine
-from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerStats
+from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerError, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ class EngineLoop:
         except BaseException as e:  # a crash must not hang every caller forever
             self.error = e
             log.exception("engine loop crashed")
-
-
-class WorkerError(RuntimeError):
-    """The engine finished a request with an error (capacity, transfer)."""
 
 
 class EngineWorker:

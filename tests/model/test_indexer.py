@@ -103,3 +103,18 @@ def test_exact_mode_key_layout_matches_rope_first():
     k5 = idx.keys(x, *rot.cos_sin(torch.full((1, 3), 5), torch.float32)).values
     assert torch.equal(k0[..., cfg.qk_rope_head_dim :], k5[..., cfg.qk_rope_head_dim :])
     assert not torch.allclose(k0[..., : cfg.qk_rope_head_dim], k5[..., : cfg.qk_rope_head_dim])
+
+
+def test_slabbed_selection_equals_whole_selection(monkeypatch):
+    import workers.model.indexer as indexer_mod
+
+    torch.manual_seed(3)
+    q, w = torch.randn(1, 50, 4, 16), torch.randn(1, 50, 4)
+    keys = IndexKeys(torch.randn(1, 50, 16), torch.ones(1, 50))
+    pos = torch.arange(50)[None]
+    whole = select_topk(Indexer.scores(q, w, keys), pos, pos, 8)
+    monkeypatch.setattr(indexer_mod, "_SCORE_BUDGET", 4 * 50 * 7)  # slabs of 7 query rows
+    slabbed = Indexer.select(q, w, keys, pos, pos, 8)
+    assert torch.equal(whole[1], slabbed[1])
+    for row in range(50):  # same sets (order within a row is free)
+        assert set(whole[0][0, row][whole[1][0, row]].tolist()) == set(slabbed[0][0, row][slabbed[1][0, row]].tolist())

@@ -42,6 +42,7 @@ class Scheduler:
         self.pool = pool
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -85,6 +86,7 @@ class Scheduler:
             victim.status = SeqStatus.WAITING
             self.waiting.appendleft(victim)
             out.preempted.append(victim)
+            self.num_preemptions += 1
             return True
         return False
 

@@ -20,6 +20,10 @@ class RequestError(ValueError):
         self.field = field_name
 
 
+class WorkerError(RuntimeError):
+    """A worker finished a request with an error (capacity, transfer); other requests go on."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` are off."""

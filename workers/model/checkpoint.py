@@ -50,6 +50,7 @@ def load_model(
     device: str | torch.device = "cpu",
     load_mtp: bool = False,
     progress: bool | None = None,
+    indexer: str | None = None,
 ) -> "DeepseekV32":
     """Build ``DeepseekV32`` from a checkpoint folder.
 
@@ -61,6 +62,8 @@ def load_model(
         load_mtp: also load the multi-token-prediction layers (``model.layers.{N+j}``); when False
             they are skipped, present or not.
         progress: progress line on stderr; None = only for checkpoints over 1 GiB.
+        indexer: ``"exact"`` or ``"fp8"``; None = exact in float32 (what transformers computes),
+            DeepSeek's FP8 indexer otherwise.
 
     Raises:
         ConfigError: ``config.json`` missing or invalid (names the key).
@@ -101,6 +104,7 @@ def load_model(
             state[item.internal] = weight.to(target)
             bar.update()
     model.load_state_dict(state, strict=True, assign=True)
+    model.configure(indexer=indexer or ("exact" if dtype == torch.float32 else "fp8"))
     return model.eval()
 
 

@@ -35,9 +35,8 @@ IGNORED_KEYS = frozenset({
     "initializer_range", "pretraining_tp", "attention_dropout", "attention_bias", "mlp_bias",
     "num_key_value_heads", "output_router_logits", "pad_token_id", "aux_loss_alpha", "seq_aux",
     "ep_size", "moe_layer_freq", "head_dim", "mlp_layer_types", "layer_types", "qk_head_dim",
-    "router_aux_loss_coef", "rope_interleave", "tie_word_embeddings_", "_name_or_path",
-    "original_seq_len", "rope_factor", "beta_fast", "beta_slow", "mscale", "vocab_size_",
-    "index_topk_freq", "scale_fmt", "dtype_", "kv_lora_rank_", "n_shared_experts_",
+    "router_aux_loss_coef", "rope_interleave", "_name_or_path", "original_seq_len", "rope_factor",
+    "beta_fast", "beta_slow", "mscale", "index_topk_freq", "scale_fmt",
 })
 
 
@@ -226,7 +225,7 @@ def _quant(value: Any) -> QuantConfig | None:
         fmt=value.get("fmt", "e4m3"),
         activation_scheme=value.get("activation_scheme", "dynamic"),
         weight_block_size=(int(block[0]), int(block[1])),
-        scale_fmt=value.get("scale_fmt"),
+        scale_fmt=value.get("scale_fmt", "ue8m0"),
     )
 
 
@@ -279,8 +278,12 @@ def _validate(c: ModelConfig) -> None:
         fail("rms_norm_eps", "must be in (0, 1)")
     if not (isinstance(c.rope_theta, (int, float)) and c.rope_theta > 1):
         fail("rope_theta", "must be > 1")
-    if c.eos_token_id >= c.vocab_size:
-        fail("eos_token_id", f"must be < vocab_size ({c.vocab_size})")
+    for key in ("bos_token_id", "eos_token_id"):
+        if getattr(c, key) >= c.vocab_size:
+            fail(key, f"must be < vocab_size ({c.vocab_size})")
+    q = c.quantization_config
+    if q is not None and q.fmt != "e4m3":
+        raise ConfigError(f"config key 'quantization_config.fmt': only 'e4m3' is supported, got {q.fmt!r}")
     rs = c.rope_scaling
     if rs is not None:
         if not rs.factor > 0:

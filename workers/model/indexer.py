@@ -23,7 +23,7 @@ from .rope import apply_neox
 
 IndexerMode = Literal["exact", "fp8"]
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-_SCORE_BUDGET = 1 << 26  # float32 elements of one [chunk, heads, T] score slab (256 MiB)
+_SCORE_BUDGET = 1 << 24  # float32 elements of one [slab, heads, T] score slab (64 MiB)
 
 
 class IndexKeys(NamedTuple):
@@ -120,20 +120,31 @@ class Indexer(nn.Module):
 
     @staticmethod
     def scores(q: torch.Tensor, w: torch.Tensor, keys: IndexKeys) -> torch.Tensor:
-        """Index scores. q: [B, S, Hi, D], w: [B, S, Hi], keys of [B, T, D] → float32 [B, S, T].
+        """Index scores (reference). q: [B, S, Hi, D], w: [B, S, Hi], keys of [B, T, D] → float32 [B, S, T]."""
+        logits = torch.einsum("bshd,btd->bsht", q, keys.dequantize()).relu_()
+        return torch.einsum("bsht,bsh->bst", logits, w)
 
-        Query rows are processed in slabs so memory stays bounded for 128K contexts.
+    @staticmethod
+    def select(
+        q: torch.Tensor, w: torch.Tensor, keys: IndexKeys, q_pos: torch.Tensor, k_pos: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score and select top-k slab by slab: never holds more than one slab of query rows'
+        scores, so a 32K-token chunked prefill stays in O(slab · T) memory.
+
+        Same arguments and result as ``select_topk(Indexer.scores(q, w, keys), q_pos, k_pos, k)``.
         """
-        k = keys.dequantize()
+        kd = keys.dequantize()
         b, s, h, _ = q.shape
-        t = k.shape[1]
-        out = torch.empty(b, s, t, dtype=torch.float32, device=q.device)
+        t = kd.shape[1]
         step = max(1, _SCORE_BUDGET // max(1, b * h * t))
+        idx_parts, valid_parts = [], []
         for lo in range(0, s, step):
             hi = min(s, lo + step)
-            logits = torch.einsum("bshd,btd->bsht", q[:, lo:hi], k).relu_()
-            out[:, lo:hi] = torch.einsum("bsht,bsh->bst", logits, w[:, lo:hi])
-        return out
+            slab = Indexer.scores(q[:, lo:hi], w[:, lo:hi], IndexKeys(kd, torch.ones_like(kd[..., 0])))
+            idx, valid = select_topk(slab, q_pos[:, lo:hi], k_pos, k)
+            idx_parts.append(idx)
+            valid_parts.append(valid)
+        return torch.cat(idx_parts, dim=1), torch.cat(valid_parts, dim=1)
 
 
 def select_topk(

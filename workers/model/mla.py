@@ -24,7 +24,7 @@ from torch import nn
 
 from .cache import KVCache, LocalKV
 from .config import ModelConfig
-from .indexer import Indexer, select_topk
+from .indexer import Indexer
 from .norm import RMSNorm
 from .rope import apply_interleaved
 
@@ -89,7 +89,7 @@ class MLA(nn.Module):
             valid = key_pos[:, None, :] <= positions[:, :, None]
         else:
             iq, iw = self.indexer.queries(x, qr, cos, sin)
-            idx, valid = select_topk(Indexer.scores(iq, iw, keys), positions, key_pos, self.topk)
+            idx, valid = Indexer.select(iq, iw, keys, positions, key_pos, self.topk)
 
         if self.impl == "dense":
             out = self.attend_dense(q_nope, q_pe, cache.latents(layer), idx, valid)
