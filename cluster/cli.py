@@ -148,12 +148,16 @@ def kv_bytes_per_token(config: ModelConfig, dtype: str) -> dict[str, Any]:
     """Cache bytes per token over the decoder layers (MTP excluded) for a KV ``dtype``.
 
     ``latent``: MLA's c_kv + roped k_pe per layer; ``indexer``: the lightning indexer's key per layer
-    (FP8 values plus one fp32 scale when ``dtype`` is float8).
+    (FP8 values plus one fp32 scale when ``dtype`` is float8). An FP8 latent is stored as DeepSeek's
+    sparse kernels read it: c_kv in e4m3 with one fp32 scale per 128 values, k_pe kept in bf16
+    (656 bytes per token and layer for V3.2).
     """
     size = KV_DTYPE_BYTES[dtype]
     layers = config.num_hidden_layers
     latent = layers * config.latent_dim * size
     if dtype == "float8":
+        scales = -(-config.kv_lora_rank // 128) * 4
+        latent = layers * (config.kv_lora_rank + scales + config.qk_rope_head_dim * KV_DTYPE_BYTES["bfloat16"])
         indexer = layers * (config.index_head_dim + INDEXER_FP8_SCALE_BYTES)
     else:
         indexer = layers * config.index_head_dim * size

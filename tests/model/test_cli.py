@@ -76,8 +76,8 @@ def test_init_fp8_sharded_from_config_file(tmp_path):
     with torch.device("meta"):
         total = sum(t.numel() for t in DeepseekV32(SMALL_VOCAB, with_mtp=True).state_dict().values())
     assert report["params"]["total"] == total  # FP8 scales are not parameters
-    # float8: one byte per latent value; indexer keys are 32 FP8 bytes + one fp32 scale
-    assert report["kv_bytes_per_token"] == {"dtype": "float8", "latent": 3 * 80, "indexer": 3 * 36, "total": 348}
+    # float8: c_kv 64 e4m3 bytes + one fp32 scale + k_pe 16 bf16 values; indexer 32 FP8 bytes + fp32 scale
+    assert report["kv_bytes_per_token"] == {"dtype": "float8", "latent": 3 * 100, "indexer": 3 * 36, "total": 408}
 
 
 def test_info_human_readable(tiny_dir):
@@ -101,3 +101,12 @@ def test_errors_exit_2_with_one_line(args, message, tmp_path):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fp8_kv_bytes_of_the_671b_model():
+    """MODEL.md: 656 bytes of latent and 132 bytes of indexer key per token and layer, 61 layers."""
+    from cluster.cli import kv_bytes_per_token
+    from workers.model.config import ModelConfig
+
+    kv = kv_bytes_per_token(ModelConfig(), "float8")
+    assert kv["latent"] == 61 * 656 and kv["indexer"] == 61 * 132
