@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 
 import torch
@@ -30,16 +31,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dsaserve"
 
 
-def default_model_dir() -> Path:
-    """The embedded default tiny model, written on first use (random weights, real tokenizer)."""
+def default_model_dir(preset: str = DEFAULT_PRESET) -> Path:
+    """A preset model (default: the embedded tiny one), written on first use (random weights, the
+    real tokenizer) into the cache."""
     from workers.model.presets import load_preset
     from workers.model.writer import copy_tokenizer, random_state_dict, write_checkpoint
 
-    path = cache_dir() / "models" / f"{DEFAULT_PRESET}-seed{DEFAULT_SEED}"
+    path = cache_dir() / "models" / f"{preset}-seed{DEFAULT_SEED}"
     if (path / "config.json").is_file():
         return path
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    config = load_preset(DEFAULT_PRESET)
+    config = load_preset(preset)
     write_checkpoint(tmp, config, random_state_dict(config, seed=DEFAULT_SEED))
     copy_tokenizer(tmp)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,8 +69,10 @@ class LocalBackend:
         self.prefill_engine: Engine | None = None
         if disaggregate:
             # Both engines serve the same weights: share the module (read-only at inference).
-            self.prefill_engine = Engine(decode_model, engine_config, role="prefill", worker_id="prefill-0", model_id=model_id)
-            self.transfer.register("prefill-0", self.prefill_engine.storage)
+            self.prefill_engine = Engine(
+                decode_model, engine_config, role="prefill", worker_id="prefill-0", model_id=model_id,
+                holder_factory=lambda storage: self.transfer.holder("prefill-0", storage),
+            )
             engines.insert(0, self.prefill_engine)
         self.loop = EngineLoop(engines).start()
         self.decode = EngineWorker(self.decode_engine)
@@ -118,7 +122,8 @@ class LocalBackend:
             else:
                 stream = generate_disaggregated(req, self.prefill, self.decode, eos_token_id=self._info.eos_token_id,
                                                 max_model_len=self._info.max_context)
-            async for out in stream:
-                yield out
+            async with aclosing(stream) as outs:
+                async for out in outs:
+                    yield out
         finally:
             self._in_flight -= 1

@@ -28,6 +28,21 @@ class KVTransfer(Protocol):
     def read(self, handle: KVHandle, dst: PagedKVStorage, dst_blocks: Sequence[int]) -> None: ...
 
 
+class KVHolder(Protocol):
+    """The holder's side of a backend (a prefill worker's pool).
+
+    Contract: ``endpoint(block_ids, request_id)`` is what the ``KVHandle`` of those blocks carries so a reader can
+    find them (picklable and small for a zero-copy backend, which may ignore ``block_ids``; an
+    object-store backend publishes the blocks' bytes here); ``read_done()``
+    returns request ids whose blocks readers have finished reading since the last call (from the
+    backend's notifications), so the holder can drop those leases even if no release call arrives.
+    """
+
+    def endpoint(self, block_ids: Sequence[int] = (), request_id: str = "") -> dict: ...
+
+    def read_done(self) -> list[str]: ...
+
+
 class LocalTransfer:
     """In-process copy between storages registered by worker id (single-process mode)."""
 
@@ -35,14 +50,39 @@ class LocalTransfer:
 
     def __init__(self) -> None:
         self._storages: dict[str, PagedKVStorage] = {}
+        self._stats = {"backend": self.name, "bytes": 0, "transfers": 0, "failures": 0}
+
+    def stats(self) -> dict:
+        return dict(self._stats)
 
     def register(self, worker_id: str, storage: PagedKVStorage) -> None:
         self._storages[worker_id] = storage
 
+    def holder(self, worker_id: str, storage: PagedKVStorage) -> "LocalHolder":
+        self.register(worker_id, storage)
+        return LocalHolder(worker_id)
+
     def read(self, handle: KVHandle, dst: PagedKVStorage, dst_blocks: Sequence[int]) -> None:
         src = self._storages.get(handle.worker_id)
-        if src is None:
-            raise TransferError(f"no storage registered for worker {handle.worker_id!r}")
-        if len(dst_blocks) != len(handle.block_ids):
+        if src is None or len(dst_blocks) != len(handle.block_ids):
+            self._stats["failures"] += 1
+            if src is None:
+                raise TransferError(f"no storage registered for worker {handle.worker_id!r}")
             raise TransferError(f"{len(dst_blocks)} destination blocks for {len(handle.block_ids)} source blocks")
-        dst.write_blocks(dst_blocks, src.read_blocks(handle.block_ids))
+        data = src.read_blocks(handle.block_ids)
+        dst.write_blocks(dst_blocks, data)
+        self._stats["transfers"] += 1
+        self._stats["bytes"] += data.numel()
+
+
+class LocalHolder:
+    """Holder side of LocalTransfer: the worker id is the whole endpoint; releases come by call."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+
+    def endpoint(self, block_ids: Sequence[int] = (), request_id: str = "") -> dict:
+        return {"backend": "local", "worker_id": self.worker_id}
+
+    def read_done(self) -> list[str]:
+        return []

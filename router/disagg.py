@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Protocol
 
 from workers.engine.stop import finish_reason
@@ -77,8 +78,11 @@ async def generate_disaggregated(
         prefill.release(request.request_id)  # read or failed: the holder's blocks are no longer needed
 
     try:
-        async for out in decode.decode(request, handle, on_read):
-            yield dataclasses.replace(out, ttft_s=ttft)
+        # aclosing: when our caller stops early, the decode stream closes now (aborting the request
+        # and freeing its blocks), not whenever the garbage collector finalizes it.
+        async with aclosing(decode.decode(request, handle, on_read)) as outs:
+            async for out in outs:
+                yield dataclasses.replace(out, ttft_s=ttft)
         return
     except (RuntimeError, ValueError) as e:
         log.warning("KV transfer for %s failed (%s); recomputing on the decode worker", request.request_id, e)
@@ -97,6 +101,7 @@ async def _recompute(request: GenerateRequest, handle: KVHandle, decode: DecodeW
         prompt_token_ids=tuple(request.prompt_token_ids) + (handle.first_token,),
         params=dataclasses.replace(request.params, max_tokens=request.params.max_tokens - 1),
     )
-    async for out in decode.generate(retry):
-        usage = Usage(prompt_len, handle.cached_tokens, out.usage.completion_tokens + 1)
-        yield dataclasses.replace(out, usage=usage, ttft_s=ttft, logprobs=out.logprobs)
+    async with aclosing(decode.generate(retry)) as outs:
+        async for out in outs:
+            usage = Usage(prompt_len, handle.cached_tokens, out.usage.completion_tokens + 1)
+            yield dataclasses.replace(out, usage=usage, ttft_s=ttft)

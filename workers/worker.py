@@ -10,6 +10,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from workers.engine.engine import Engine
 from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerError, WorkerStats
@@ -77,8 +78,9 @@ class EngineWorker:
         """Whole request on this engine (role ``both``, or a fallback). Closing the iterator aborts."""
         queue = self._bridge()
         self.engine.add_request(request, queue.put_threadsafe)
-        async for out in self._drain(queue, request.request_id):
-            yield out
+        async with aclosing(self._drain(queue, request.request_id)) as outs:
+            async for out in outs:
+                yield out
 
     async def prefill(self, request: GenerateRequest) -> KVHandle:
         """Prefill on a ``prefill``-role engine → the leased KV handle (first token included)."""
@@ -112,8 +114,9 @@ class EngineWorker:
             raise
         if err is not None:
             raise err
-        async for out in self._drain(queue, request.request_id):
-            yield out
+        async with aclosing(self._drain(queue, request.request_id)) as outs:
+            async for out in outs:
+                yield out
 
     def _bridge(self) -> "_ThreadQueue":
         return _ThreadQueue(asyncio.get_running_loop())

@@ -23,7 +23,7 @@ import torch
 from kvstore.block_pool import BlockEvent, BlockPool
 from kvstore.hashing import HASH_VERSION, BlockHash, first_block_extra, self_test
 from kvstore.paged import BlockLayout, PagedKVStorage
-from kvstore.transfer import KVTransfer, TransferError
+from kvstore.transfer import KVHolder, KVTransfer, TransferError
 from workers.model.model import DeepseekV32
 
 from .config import EngineConfig, Role
@@ -57,6 +57,7 @@ class Engine:
         worker_id: str = "worker-0",
         model_id: str = "model",
         transfer: KVTransfer | None = None,
+        holder_factory: Callable[[PagedKVStorage], KVHolder] | None = None,
         on_block_event: Callable[[BlockEvent, BlockHash], None] | None = None,
     ) -> None:
         self_test()
@@ -76,6 +77,8 @@ class Engine:
         self.pool = BlockPool(config.num_blocks, on_event=on_block_event)
         self.scheduler = Scheduler(config, self.pool)
         self.runner = ModelRunner(model, self.storage)
+        # The holder side of the KV transfer backend (prefill role): publishes where blocks live.
+        self.holder = holder_factory(self.storage) if holder_factory else None
         self.fingerprint = LayoutFingerprint(
             model_id=model_id, dtype=str(dtype).removeprefix("torch."), index_dtype=mode,
             block_size=config.block_size, hash_version=HASH_VERSION, num_layers=mc.num_hidden_layers,
@@ -206,6 +209,7 @@ class Engine:
             num_tokens=seq.num_computed_tokens, first_token=seq.token_ids[-1], fingerprint=self.fingerprint,
             lease_expires_at=expires, cached_tokens=seq.num_cached_tokens,
             first_logprob=seq.logprobs[0] if seq.logprobs else None,
+            endpoint=self.holder.endpoint(seq.block_table, seq.request_id) if self.holder else {},
         )
         sink = self._sinks.pop(seq.request_id, None)
         self._seqs.pop(seq.request_id, None)
@@ -226,9 +230,7 @@ class Engine:
             elif kind == "abort":
                 self._abort(cmd[1])
             elif kind == "release":
-                lease = self._leases.pop(cmd[1], None)
-                if lease is not None:
-                    self.pool.release(lease[0].block_table)
+                self._release_lease(cmd[1])
 
     def _add(self, request: GenerateRequest, sink: Sink) -> None:
         seq = self._new_sequence(request, list(request.prompt_token_ids))
@@ -257,20 +259,25 @@ class Engine:
         return None
 
     def _abort(self, request_id: str) -> None:
-        lease = self._leases.pop(request_id, None)
-        if lease is not None:
-            self.pool.release(lease[0].block_table)
+        self._release_lease(request_id)
         self._imports = [imp for imp in self._imports if imp.request.request_id != request_id]
         seq = self._seqs.get(request_id)
         if seq is not None:
             self._finish(seq)
 
+    def _release_lease(self, request_id: str) -> None:
+        lease = self._leases.pop(request_id, None)
+        if lease is not None:
+            self.pool.release(lease[0].block_table)
+
     def _expire_leases(self) -> None:
+        if self.holder is not None:
+            for rid in self.holder.read_done():
+                self._release_lease(rid)
         now = time.time()
         for rid, (seq, expires) in list(self._leases.items()):
             if expires < now:
-                del self._leases[rid]
-                self.pool.release(seq.block_table)
+                self._release_lease(rid)
 
     def _try_imports(self) -> None:
         pending = []

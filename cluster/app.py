@@ -1,0 +1,266 @@
+"""The Ray Serve application: prefill and decode deployments, and a router deployment served by
+Ray Serve's native gRPC proxy with the same ``dsaserve.v1`` service as local mode.
+
+Builder pattern (after Ray Serve LLM): prefill is bound first, its handle and decode's go into the
+router. ``run(config)`` starts a local Ray when no address is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+
+import ray
+from ray import serve
+from ray.serve.config import gRPCOptions
+from ray.serve.handle import DeploymentHandle
+
+from cluster.config import ClusterConfig
+from cluster.servers import STATS_BOARD, DecodeServer, PrefillServer, ensure_stats_board
+from kvstore.transfer import TransferError
+from router.backend import AdmissionError, BackendUnavailable, ModelInfo
+from router.disagg import generate_disaggregated
+from router.frontend import Frontend
+from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
+from router.server import DsaServeServicer
+from router.tokenizer import Tokenizer
+from workers.engine.types import GenerateRequest, KVHandle, RequestOutput
+from workers.model.config import ModelConfig
+
+GRPC_SERVICERS = [
+    "router.proto.dsaserve.v1.dsaserve_pb2_grpc.add_DsaServeServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+class _PrefillClient:
+    """``router.disagg.PrefillWorker`` over a Serve handle. Leases end by the transfer backend's
+    notification (NIXL) or at hand-off (ray); ``release`` is a best-effort early drop."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def prefill(self, request: GenerateRequest) -> KVHandle:
+        return await self.handle.prefill.remote(request)
+
+    def release(self, request_id: str) -> None:
+        pass  # the replica that holds it cannot be addressed through a Serve handle
+
+
+class _DecodeClient:
+    """``router.disagg.DecodeWorker`` over a streaming Serve handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle.options(stream=True)
+
+    async def decode(self, request: GenerateRequest, handle: KVHandle, on_read) -> AsyncIterator[RequestOutput]:
+        stream = self.handle.decode.remote(request, handle)
+        try:
+            first = await stream.__anext__()
+            error = first.get("read") if isinstance(first, dict) else "decode stream did not start with a read result"
+            on_read(None if error is None else TransferError(error))
+            if error is not None:
+                raise TransferError(error)
+            async for out in stream:
+                yield out
+        finally:
+            stream.cancel()  # a no-op once finished; aborts the replica's request otherwise
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        stream = self.handle.generate.remote(request)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.cancel()
+
+
+class RayBackend:
+    """``router.backend.Backend`` over the prefill and decode deployments."""
+
+    def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, info: ModelInfo) -> None:
+        self._prefill, self._decode = _PrefillClient(prefill), _DecodeClient(decode)
+        self._info = info
+        self.in_flight = 0
+        self.requests_total = 0
+        self.errors_total = 0
+
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def stats(self) -> dict:
+        try:
+            workers = ray.get(ray.get_actor(STATS_BOARD).all.remote(), timeout=5)
+        except Exception:  # the board is gone: report the router alone
+            workers = []
+        router = {"requests_total": self.requests_total, "in_flight": self.in_flight, "errors_total": self.errors_total}
+        return {"router": router, "workers": workers}
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        if self.in_flight >= self._info.max_queue:
+            raise AdmissionError(f"admission queue full ({self._info.max_queue} requests in flight)")
+        self.in_flight += 1
+        self.requests_total += 1
+        try:
+            stream = generate_disaggregated(req, self._prefill, self._decode, eos_token_id=self._info.eos_token_id,
+                                            max_model_len=self._info.max_context)
+            async with aclosing(stream) as outs:
+                async for out in outs:
+                    if out.finish_reason == "error":
+                        self.errors_total += 1
+                    yield out
+        except ray.exceptions.RayError as e:
+            self.errors_total += 1
+            raise BackendUnavailable(f"worker failed: {type(e).__name__}") from e
+        finally:
+            self.in_flight -= 1
+
+
+class _Aborted(Exception):
+    """Raised after the status was set on Serve's gRPC context."""
+
+
+class _ServeContext:
+    """The slice of ``grpc.aio.ServicerContext`` our servicer uses, on top of Serve's context."""
+
+    def __init__(self, grpc_context) -> None:
+        self.grpc_context = grpc_context
+        self.out: asyncio.Queue = asyncio.Queue()
+
+    def time_remaining(self) -> float | None:
+        return None  # Serve's proxy enforces the client's deadline and cancels the call
+
+    async def write(self, message) -> None:
+        await self.out.put(message)
+
+    async def abort(self, code, details: str, trailing_metadata=()) -> None:
+        self.grpc_context.set_code(code)
+        self.grpc_context.set_details(details)
+        if trailing_metadata:
+            self.grpc_context.set_trailing_metadata(list(trailing_metadata))
+        raise _Aborted(details)
+
+
+class RouterServer:
+    """Serve deployment answering ``dsaserve.v1.DsaServe`` (and health) through Serve's gRPC proxy."""
+
+    def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, model_dir: str, config: dict) -> None:
+        cfg = ClusterConfig.model_validate(config)
+        mc = ModelConfig.from_hf(model_dir)
+        max_context = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        tokenizer = Tokenizer.load(model_dir)
+        info = ModelInfo(
+            model_id=Path(model_dir).name, vocab_size=mc.vocab_size, max_context=max_context,
+            max_tokens_limit=max_context - 1, max_queue=cfg.router.max_queue, block_size=cfg.block_size,
+            eos_token_id=mc.eos_token_id, bos_token_id=mc.bos_token_id, index_topk=mc.index_topk,
+            has_tokenizer=tokenizer is not None,
+        )
+        self.backend = RayBackend(prefill, decode, info)
+        self.servicer = DsaServeServicer(Frontend(self.backend, tokenizer))
+
+    async def _stream(self, call, grpc_context) -> AsyncIterator:
+        ctx = _ServeContext(grpc_context)
+        task = asyncio.create_task(call(ctx))
+        try:
+            while True:
+                getter = asyncio.create_task(ctx.out.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not ctx.out.empty():
+                    yield ctx.out.get_nowait()
+                task.result()  # re-raises _Aborted after the status was set
+                return
+        finally:
+            task.cancel()
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
+        async for msg in self._stream(lambda ctx: self.servicer.Generate(request, ctx), grpc_context):
+            yield msg
+
+    async def GenerateBatch(self, request_stream, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
+        async for msg in self._stream(lambda ctx: self.servicer.GenerateBatch(request_stream, ctx), grpc_context):
+            yield msg
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context) -> pb.TokenizeResponse:
+        return await self.servicer.Tokenize(request, _ServeContext(grpc_context))
+
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
+        return await self.servicer.ListModels(request, _ServeContext(grpc_context))
+
+    async def Check(self, request, grpc_context):
+        from grpc_health.v1 import health_pb2
+
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    def stats(self) -> dict:
+        return self.backend.stats()
+
+
+def resolve_model(model: str) -> Path:
+    """A checkpoint folder, or a preset name created (once) in the cache."""
+    path = Path(model).expanduser()
+    if (path / "config.json").is_file():
+        return path.resolve()
+    from cluster.local import default_model_dir
+    from workers.model.presets import PRESETS
+
+    if model in PRESETS:
+        return default_model_dir(model)
+    raise FileNotFoundError(f"model {model!r}: no config.json there, and not a preset ({', '.join(PRESETS)})")
+
+
+def build_app(config: ClusterConfig, model_dir: Path):
+    """Bind the deployments: prefill and decode first, their handles into the router."""
+    common = dict(block_size=config.block_size, max_model_len=config.max_model_len, max_queue=config.router.max_queue,
+                  lease_s=config.lease_s)
+
+    def group(cls, name, g):
+        return serve.deployment(cls, name=name).options(
+            num_replicas=g.replicas, ray_actor_options={"num_cpus": g.num_cpus, "num_gpus": g.num_gpus},
+            max_ongoing_requests=max(8, g.max_num_seqs * 2),
+        ).bind(str(model_dir), g.engine(**common), config.transfer, g.torch_threads, config.transfer_timeout_s)
+
+    prefill = group(PrefillServer, "prefill", config.prefill)
+    decode = group(DecodeServer, "decode", config.decode)
+    router = serve.deployment(RouterServer, name="router").options(
+        num_replicas=config.router.replicas, ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=config.router.max_queue,
+    )
+    return router.bind(prefill, decode, str(model_dir), config.model_dump())
+
+
+def start(config: ClusterConfig, address: str | None = None) -> DeploymentHandle:
+    """Start (or join) Ray, start Serve's proxies on the configured ports, deploy the app."""
+    model_dir = resolve_model(config.model)
+    if not ray.is_initialized():
+        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+        ray.init(address=address, runtime_env=env, namespace="dsaserve", ignore_reinit_error=True,
+                 **({} if address else {"include_dashboard": False}))
+    ensure_stats_board()
+    serve.start(
+        http_options={"host": config.router.host, "port": config.router.http_port},
+        grpc_options=gRPCOptions(port=config.router.grpc_port, grpc_servicer_functions=GRPC_SERVICERS),
+    )
+    return serve.run(build_app(config, model_dir), name=config.app_name, route_prefix="/")
+
+
+def shutdown() -> None:
+    serve.shutdown()
+    ray.shutdown()
+
+
+def wait_ready(handle: DeploymentHandle, config: ClusterConfig, timeout_s: float = 120.0) -> dict:
+    """Block until every replica reports stats (or the timeout passes); returns the stats."""
+    expected = config.prefill.replicas + config.decode.replicas
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = handle.stats.remote().result()
+        if len(stats["workers"]) >= expected or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.5)

@@ -1,0 +1,250 @@
+"""Serving subcommands of the ``dsaserve`` CLI (``register`` adds them to its argparse tree).
+
+    dsaserve local [--model DIR] [--host 127.0.0.1] [--port 50051]
+    dsaserve generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N] [sampling] [--json]
+    dsaserve client generate [--address HOST:PORT] (--prompt ... | --prompt-ids ...) [sampling] [--json]
+    dsaserve batch [--model DIR] --input prompts.jsonl --output results.jsonl [--concurrency N]
+
+``generate`` runs in process and ``client generate`` through a server; both print the same JSON
+(``Completion.to_json``). Without ``--model`` the embedded tiny model is used. Errors a user can fix
+exit with status 2 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from router.backend import AdmissionError, BackendUnavailable
+from workers.engine.types import RequestError
+from workers.model.checkpoint import CheckpointError
+from workers.model.config import ConfigError
+
+
+def register(commands: Any) -> None:
+    """Add ``local``, ``generate``, ``client`` and ``batch`` to an ``add_subparsers()`` object."""
+    local = commands.add_parser("local", help="serve the gRPC API from one process (no Ray, no Redis)")
+    _add_model_arg(local)
+    local.add_argument("--host", default="127.0.0.1")
+    local.add_argument("--port", type=_port, default=50051, help="0 picks a free port (default: 50051)")
+    local.set_defaults(func=cmd_local)
+
+    generate = commands.add_parser("generate", help="run one request offline, in process")
+    _add_model_arg(generate)
+    _add_request_args(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    client = commands.add_parser("client", help="call a running server")
+    client_sub = client.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+    client_generate = client_sub.add_parser("generate", help="run one request on a server")
+    client_generate.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT (default: 127.0.0.1:50051)")
+    client_generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    _add_request_args(client_generate)
+    client_generate.set_defaults(func=cmd_client_generate)
+
+    batch = commands.add_parser("batch", help="run a JSONL file of requests offline (resumable)")
+    _add_model_arg(batch)
+    batch.add_argument("--input", type=Path, required=True, help="JSONL: one request object per line")
+    batch.add_argument("--output", type=Path, required=True, help="JSONL results, appended; reruns skip done ids")
+    batch.add_argument("--concurrency", type=_positive_int, default=16, help="requests in flight (default: 16)")
+    batch.set_defaults(func=cmd_batch)
+
+
+def _user_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report the errors a user can fix as one line and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        from router.client import DsaServeError
+
+        try:
+            return func(args)
+        except (RequestError, DsaServeError, AdmissionError, BackendUnavailable) as e:
+            message = str(e)
+        except (CheckpointError, ConfigError, OSError) as e:
+            message = str(e) or type(e).__name__
+        print(f"dsaserve: error: {message}", file=sys.stderr)
+        return 2
+
+    return wrapper
+
+
+@_user_errors
+def cmd_local(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from cluster.local import LocalBackend
+    from router.server import server_port, start_server
+    from router.tokenizer import Tokenizer
+
+    with LocalBackend.start(args.model) as backend:
+        tokenizer = Tokenizer.load(backend.model_dir)
+        server = await start_server(backend, tokenizer, args.host, args.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        info = backend.info()
+        print(
+            f"dsaserve: ready on {args.host}:{server_port(server)} (model {info.model_id}, "
+            f"{'text and token ids' if tokenizer else 'token ids only'}; Ctrl-C stops)",
+            flush=True,
+        )
+        await stop.wait()
+        print("dsaserve: shutting down", file=sys.stderr, flush=True)
+        await server.stop(grace=5.0)
+    return 0
+
+
+@_user_errors
+def cmd_generate(args: argparse.Namespace) -> int:
+    from cluster.local import LocalBackend
+    from router.frontend import Frontend
+    from router.tokenizer import Tokenizer
+
+    req = _request_from_args(args)
+    with LocalBackend.start(args.model) as backend:
+        frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
+        completion = asyncio.run(frontend.complete(req))
+    _print_completion(completion, args.json)
+    return 0
+
+
+@_user_errors
+def cmd_client_generate(args: argparse.Namespace) -> int:
+    from router.client import Client
+
+    req = _request_from_args(args)
+    with Client(args.address, timeout=args.timeout) as client:
+        completion = client.generate(
+            req.prompt, prompt_ids=req.prompt_ids, **{k: getattr(req.params, k) for k in _PARAM_NAMES}
+        )
+    _print_completion(completion, args.json)
+    return 0
+
+
+@_user_errors
+def cmd_batch(args: argparse.Namespace) -> int:
+    from cluster.local import LocalBackend
+    from router.batch import BatchJob
+    from router.frontend import Frontend
+    from router.tokenizer import Tokenizer
+
+    job = BatchJob.open(args.input, args.output)  # reads and checks the files before loading a model
+    with LocalBackend.start(args.model) as backend:
+        frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
+        summary = asyncio.run(job.run(frontend, concurrency=args.concurrency))
+    print(
+        f"dsaserve: {summary.done} done ({summary.failed} with errors), {summary.skipped} already in {args.output}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# ---- arguments ------------------------------------------------------------------------------
+
+_PARAM_NAMES = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "logprobs",
+)
+
+
+def _add_model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", type=Path, default=None, help="checkpoint directory (default: the embedded tiny model)"
+    )
+
+
+def _add_request_args(parser: argparse.ArgumentParser) -> None:
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text prompt (needs the checkpoint's tokenizer)")
+    prompt.add_argument("--prompt-ids", type=_id_list, help="token-id prompt, comma separated: 0,42,7")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate at most (default: 16)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--stop-token-ids", type=_id_list, default=(), help="comma separated")
+    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sentence token")
+    parser.add_argument("--logprobs", type=int, default=None, help="top-n log-probabilities per token")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _request_from_args(args: argparse.Namespace) -> Any:
+    from router.frontend import CompletionRequest
+    from workers.engine.types import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        stop_token_ids=tuple(args.stop_token_ids),
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
+    )
+    return CompletionRequest(prompt=args.prompt, prompt_ids=args.prompt_ids, params=params)
+
+
+def _print_completion(completion: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(completion.to_json(), ensure_ascii=False))
+    elif completion.text:
+        print(completion.text)
+    else:  # no tokenizer: the ids are the output
+        print(" ".join(map(str, completion.token_ids)))
+
+
+def _id_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run these subcommands alone (``python -m cluster.cli_serve``); ``dsaserve`` wires them too."""
+    parser = argparse.ArgumentParser(prog="dsaserve")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

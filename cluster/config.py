@@ -1,0 +1,88 @@
+"""Cluster configuration: the YAML a user writes for ``dsaserve serve`` (and Helm values map onto).
+
+Pydantic at the edge, ``extra="forbid"`` everywhere: a misspelled key is an error naming it, not a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from workers.engine.config import EngineConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorkerGroupConfig(_Strict):
+    """One kind of worker (prefill or decode) and its engine limits."""
+
+    replicas: int = Field(1, ge=1, description="number of replicas of this worker kind")
+    num_blocks: int = Field(2048, ge=1, description="KV blocks (of block_size tokens) per replica")
+    max_num_seqs: int = Field(64, ge=1, description="most sequences a replica runs at once")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one engine step (chunked prefill size)")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs Ray reserves per replica")
+    num_gpus: float = Field(0, ge=0, description="GPUs Ray reserves per replica (0 on CPU-only nodes)")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads of the replica's torch")
+
+    def engine(self, *, block_size: int, max_model_len: int | None, max_queue: int, lease_s: float) -> EngineConfig:
+        return EngineConfig(
+            num_blocks=self.num_blocks, block_size=block_size, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=max_model_len,
+            max_queue=max_queue, lease_s=lease_s,
+        )
+
+
+class RouterConfig(_Strict):
+    """The gRPC front door."""
+
+    grpc_port: int = Field(50051, ge=1, le=65535, description="port of Ray Serve's gRPC proxy serving dsaserve.v1")
+    http_port: int = Field(8000, ge=1, le=65535, description="port of Ray Serve's HTTP proxy (health, dashboard links)")
+    host: str = Field("127.0.0.1", description="address the proxies bind (0.0.0.0 in Kubernetes)")
+    max_queue: int = Field(1024, ge=1, description="requests in flight before RESOURCE_EXHAUSTED")
+    replicas: int = Field(1, ge=1, description="router replicas")
+
+
+class ClusterConfig(_Strict):
+    """The whole cluster: model, worker groups, KV transfer backend, router."""
+
+    model: str = Field(..., description="checkpoint folder, or a preset name (tiny, small) created in the cache")
+    prefill: WorkerGroupConfig = Field(default_factory=WorkerGroupConfig, description="prefill workers")
+    decode: WorkerGroupConfig = Field(default_factory=WorkerGroupConfig, description="decode workers")
+    transfer: Literal["nixl", "ray", "local"] = Field("nixl", description="how KV blocks move from prefill to decode")
+    redis_url: str | None = Field(None, description="Redis for the KV index (none: in-memory, per router)")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="the gRPC router")
+    block_size: int = Field(64, ge=1, description="tokens per KV block")
+    max_model_len: int | None = Field(None, ge=2, description="cap on prompt + output tokens (none: the model's)")
+    lease_s: float = Field(30.0, gt=0, description="how long prefill holds handed-off blocks for a decode worker")
+    transfer_timeout_s: float = Field(30.0, gt=0, description="a KV read slower than this fails and falls back")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weight and KV dtype (float32 on CPU)")
+    app_name: str = Field("dsaserve", description="Ray Serve application name")
+
+
+class ClusterConfigError(ValueError):
+    """The YAML is unreadable or invalid; the message names the field."""
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    """Read and validate a cluster YAML file."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ClusterConfigError(f"cannot read cluster config {p}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ClusterConfigError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ClusterConfigError(f"{p}: expected a mapping at the top level")
+    try:
+        return ClusterConfig.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ClusterConfigError(f"{p}: {where}: {first['msg']} ({len(e.errors())} problem(s))") from None

@@ -1,0 +1,191 @@
+"""Ray Serve deployments wrapping the plain worker classes: prefill, decode, and a stats board.
+
+Each replica owns one Engine on its own EngineLoop thread. Replicas publish their stats to a named
+``StatsBoard`` actor so the router can report every worker (Serve handles reach *a* replica, not all).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+
+import ray
+import torch
+from ray import serve
+
+from kvstore.transfer import TransferError
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine
+from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerError
+from workers.model.checkpoint import load_model
+from workers.worker import EngineLoop, EngineWorker
+
+STATS_BOARD = "dsaserve-stats"
+STATS_PERIOD_S = 0.5
+
+
+@ray.remote(num_cpus=0)
+class StatsBoard:
+    """Latest stats of every worker, keyed by worker id; entries older than ``ttl_s`` are dropped."""
+
+    def __init__(self, ttl_s: float = 10.0) -> None:
+        self.ttl_s = ttl_s
+        self._stats: dict[str, tuple[float, dict]] = {}
+
+    def report(self, worker_id: str, stats: dict) -> None:
+        self._stats[worker_id] = (time.time(), stats)
+
+    def remove(self, worker_id: str) -> None:
+        self._stats.pop(worker_id, None)
+
+    def all(self) -> list[dict]:
+        now = time.time()
+        return [s for t, s in sorted(self._stats.values(), key=lambda x: x[1]["id"]) if now - t < self.ttl_s]
+
+
+def _replica_id(role: str) -> str:
+    try:
+        return f"{role}-{serve.get_replica_context().replica_id.unique_id}"
+    except Exception:  # outside Serve (tests building the class directly)
+        return f"{role}-{uuid.uuid4().hex[:8]}"
+
+
+class _EngineServer:
+    """Common part of prefill and decode replicas: model, engine, loop, stats publishing."""
+
+    role = "both"
+
+    def __init__(self, model_dir: str, engine_config: EngineConfig, transfer: str, torch_threads: int = 1,
+                 transfer_timeout_s: float = 30.0) -> None:
+        torch.set_num_threads(torch_threads)
+        self.worker_id = _replica_id(self.role)
+        self.transfer_kind = transfer
+        self.requests_total = 0
+        model = load_model(model_dir)
+        self.engine = Engine(model, engine_config, role=self.role, worker_id=self.worker_id,
+                             model_id=Path(model_dir).name, **self._transfer_args(transfer, transfer_timeout_s))
+        self.loop = EngineLoop([self.engine], name=self.worker_id).start()
+        self.worker = EngineWorker(self.engine)
+        self._board = ray.get_actor(STATS_BOARD)
+        self._stop = threading.Event()
+        threading.Thread(target=self._publish, daemon=True, name=f"{self.worker_id}-stats").start()
+
+    def _transfer_args(self, transfer: str, timeout_s: float) -> dict:
+        return {}
+
+    def transfer_stats(self) -> dict:
+        return {"backend": self.transfer_kind, "bytes": 0, "transfers": 0, "failures": 0}
+
+    def stats(self) -> dict:
+        s = self.engine.stats()
+        return {
+            "id": self.worker_id, "role": self.role, "requests_total": self.requests_total,
+            "running": s.running, "waiting": s.waiting, "free_blocks": s.free_blocks,
+            "total_blocks": s.total_blocks, "tokens_per_s": round(s.tokens_per_s, 2),
+            "kv_transfer": self.transfer_stats(), "healthy": self.loop.error is None,
+        }
+
+    def _publish(self) -> None:
+        while not self._stop.wait(STATS_PERIOD_S):
+            try:
+                self._board.report.remote(self.worker_id, self.stats())
+            except Exception:  # the board restarting must not kill the replica
+                pass
+
+    def check_health(self) -> None:
+        """Serve's health check: a crashed engine loop marks the replica unhealthy (it is replaced)."""
+        if self.loop.error is not None:
+            raise RuntimeError(f"engine loop crashed: {self.loop.error}")
+
+    def __del__(self) -> None:
+        self._stop.set()
+        self.loop.stop(timeout=1.0)
+
+
+class PrefillServer(_EngineServer):
+    """Runs prompts; returns leased KV handles whose blocks the decode side reads."""
+
+    role = "prefill"
+
+    def _transfer_args(self, transfer: str, timeout_s: float) -> dict:
+        if transfer == "nixl":
+            from kvstore.nixl_transfer import NixlHolder
+
+            return {"holder_factory": lambda storage: NixlHolder(self.worker_id, storage)}
+        if transfer == "ray":
+            from cluster.ray_transfer import RayHolder
+
+            return {"holder_factory": RayHolder}
+        raise ValueError(f"transfer {transfer!r} cannot cross processes; use nixl or ray")
+
+    def transfer_stats(self) -> dict:
+        holder = self.engine.holder
+        extra = holder.stats() if hasattr(holder, "stats") else {}
+        return {"backend": self.transfer_kind, "bytes": 0, "transfers": 0, "failures": 0, **extra}
+
+    async def prefill(self, request: GenerateRequest) -> KVHandle:
+        self.requests_total += 1
+        return await self.worker.prefill(request)
+
+    def release(self, request_id: str) -> None:
+        self.worker.release(request_id)
+
+
+class DecodeServer(_EngineServer):
+    """Reads KV handles and decodes in continuous batches; can also run whole requests (fallback)."""
+
+    role = "decode"
+
+    def _transfer_args(self, transfer: str, timeout_s: float) -> dict:
+        if transfer == "nixl":
+            from kvstore.nixl_transfer import NixlTransfer
+
+            self.transfer = NixlTransfer(self.worker_id, timeout_s=timeout_s)
+        elif transfer == "ray":
+            from cluster.ray_transfer import RayTransfer
+
+            self.transfer = RayTransfer(timeout_s=timeout_s)
+        else:
+            raise ValueError(f"transfer {transfer!r} cannot cross processes; use nixl or ray")
+        return {"transfer": self.transfer}
+
+    def transfer_stats(self) -> dict:
+        return self.transfer.stats()
+
+    async def decode(self, request: GenerateRequest, handle: KVHandle) -> AsyncIterator[dict | RequestOutput]:
+        """Stream: first ``{"read": None}`` or ``{"read": "error text"}``, then the outputs.
+
+        (Exceptions crossing a Serve stream arrive wrapped; a typed first item is unambiguous.)
+        """
+        self.requests_total += 1
+        async with aclosing(self.worker.decode(request, handle, lambda _err: None)) as stream:
+            try:
+                first = await stream.__anext__()
+            except TransferError as e:
+                yield {"read": str(e)}
+                return
+            yield {"read": None}
+            yield first
+            async for out in stream:
+                yield out
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        self.requests_total += 1
+        async with aclosing(self.worker.generate(request)) as stream:
+            async for out in stream:
+                yield out
+
+
+def ensure_stats_board() -> None:
+    """Create the named, detached stats board once per cluster namespace."""
+    try:
+        ray.get_actor(STATS_BOARD)
+    except ValueError:
+        StatsBoard.options(name=STATS_BOARD, lifetime="detached", get_if_exists=True).remote()
+
+
+__all__ = ["DecodeServer", "PrefillServer", "StatsBoard", "WorkerError", "ensure_stats_board"]

@@ -1,0 +1,251 @@
+"""KV transfer over NIXL (UCX): the prefill worker holds, the decode worker READs.
+
+Holder (prefill process): one NIXL agent; the storage's whole buffer is registered once, so the agent
+metadata (connection info + the region's remote key, a few hundred bytes) never changes and every
+``KVHandle`` carries the same small endpoint. Reader (decode process): its own agent; it loads a
+holder's metadata once per holder instance, registers each destination storage once, and READs one
+descriptor per run of consecutive blocks (a block is one contiguous region across layers; NIXL costs
+~5 µs per descriptor, so never describe pages). The READ carries the request id as its notification:
+the holder's ``read_done()`` returns it and the engine drops the lease without waiting for a release.
+
+Endpoint (``NixlHolder.endpoint()``), plain and picklable::
+
+    {"backend": "nixl", "agent": str, "instance": str (hex, new per NixlHolder),
+     "metadata": bytes (nixl_agent.get_agent_metadata()), "base_addr": int, "bytes_per_block": int,
+     "num_blocks": int, "mem_type": "DRAM" | "VRAM", "device_id": int}
+
+Metadata travels in the endpoint itself (no listener thread, no port to open, no asynchronous
+handshake): the reader is ready as soon as it has a handle. Block b lives at
+``base_addr + b * bytes_per_block`` in the holder's process.
+
+No UCX environment variables are needed on one machine (UCX picks shared memory + cma zero-copy and
+uses TCP for wire-up). A dead holder surfaces as ``nixlRemoteDisconnectError`` within milliseconds;
+the timeout covers a transfer that never finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+
+from workers.engine.types import KVHandle
+
+from .paged import PagedKVStorage
+from .transfer import TransferError
+
+log = logging.getLogger(__name__)
+
+_BACKENDS = ["UCX"]
+
+
+def _agent(name: str):
+    from nixl._api import nixl_agent, nixl_agent_config  # optional dependency: imported on use
+
+    return nixl_agent(name, nixl_agent_config(backends=_BACKENDS))
+
+
+def _region(storage: PagedKVStorage) -> tuple[int, int, int, str]:
+    """(base address, bytes, device id, NIXL memory type) of a storage's whole buffer."""
+    buf = storage.buffer
+    if not buf.is_contiguous():
+        raise ValueError("KV storage buffer must be contiguous to register it with NIXL")
+    if buf.is_cuda:
+        return buf.data_ptr(), buf.numel() * buf.element_size(), buf.device.index or 0, "VRAM"
+    return buf.data_ptr(), buf.numel() * buf.element_size(), 0, "DRAM"
+
+
+def block_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Pair source and destination blocks into runs (src_start, dst_start, length) that are
+    consecutive on both sides, in order; one run becomes one descriptor per side."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst):
+        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+class NixlHolder:
+    """The prefill side: registers ``storage``'s buffer with a NIXL agent named ``name`` (unique in
+    the cluster) and reports finished reads from the readers' notifications.
+
+    ``listen_port`` is accepted for the constructor's stable shape but unused: metadata travels in
+    the endpoint (see the module docstring). Call ``endpoint``/``read_done`` from one thread (the
+    engine's); construct anywhere.
+    """
+
+    def __init__(self, name: str, storage: PagedKVStorage, *, listen_port: int | None = None) -> None:
+        del listen_port
+        self.name, self.storage = name, storage
+        self.agent = _agent(name)
+        base, nbytes, dev, mem = _region(storage)
+        self._reg = self.agent.register_memory([(base, nbytes, dev, "")], mem)
+        self._endpoint = {
+            "backend": "nixl", "agent": name, "instance": uuid.uuid4().hex,
+            "metadata": self.agent.get_agent_metadata(),  # after registration: it carries the region's key
+            "base_addr": base, "bytes_per_block": storage.layout.bytes_per_block,
+            "num_blocks": storage.num_blocks, "mem_type": mem, "device_id": dev,
+        }
+
+    def endpoint(self, block_ids: Sequence[int] = (), request_id: str = "") -> dict:
+        """The same small dict for every handle (block ids travel in the handle itself)."""
+        return dict(self._endpoint)
+
+    def read_done(self) -> list[str]:
+        """Request ids that readers finished reading since the last call (READ notifications)."""
+        done = []
+        for msgs in self.agent.get_new_notifs().values():
+            done += [m.decode() if isinstance(m, bytes) else str(m) for m in msgs]
+        return done
+
+    def close(self) -> None:
+        """Deregister the buffer; readers' later READs fail with TransferError."""
+        if self._reg is not None:
+            self.agent.deregister_memory(self._reg)
+            self._reg = None
+
+
+class NixlTransfer:
+    """The decode side of the NIXL backend (``KVTransfer``): READs a handle's blocks into local blocks.
+
+    ``timeout_s`` bounds one read from post to completion; ``poll_s`` caps the sleep between polls.
+    Thread-safe (one read at a time per instance).
+    """
+
+    name = "nixl"
+
+    def __init__(self, name: str, *, timeout_s: float = 30.0, poll_s: float = 1e-3) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.agent_name, self.timeout_s, self.poll_s = name, timeout_s, poll_s
+        self.agent = _agent(name)
+        self._remotes: dict[str, str] = {}  # holder agent name → instance whose metadata is loaded
+        self._storages: dict[int, tuple[PagedKVStorage, object]] = {}  # id(storage) → (storage, reg)
+        self._lock = threading.Lock()
+        self._stats = {"backend": self.name, "bytes": 0, "transfers": 0, "failures": 0, "seconds": 0.0}
+
+    def stats(self) -> dict:
+        """Counters: bytes and transfers that completed, failures, seconds spent in successful reads."""
+        return dict(self._stats)
+
+    def read(self, handle: KVHandle, dst: PagedKVStorage, dst_blocks: Sequence[int]) -> None:
+        with self._lock:
+            try:
+                n = self._read(handle, dst, list(dst_blocks))
+            except TransferError:
+                self._stats["failures"] += 1
+                raise
+            self._stats["transfers"] += 1
+            self._stats["bytes"] += n
+
+    def close(self) -> None:
+        with self._lock:
+            for name in list(self._remotes):
+                self._forget(name)
+            for _, reg in self._storages.values():
+                self.agent.deregister_memory(reg)
+            self._storages.clear()
+
+    # ------------------------------------------------------------------ internals
+    def _read(self, handle: KVHandle, dst: PagedKVStorage, dst_blocks: list[int]) -> int:
+        ep = handle.endpoint
+        if ep.get("backend") != "nixl":
+            raise TransferError(f"handle of {handle.request_id!r} has a {ep.get('backend')!r} endpoint, not nixl")
+        bpb = dst.layout.bytes_per_block
+        if ep["bytes_per_block"] != bpb:
+            raise TransferError(
+                f"KV block size mismatch for {handle.request_id!r}: holder {ep['agent']!r} has "
+                f"{ep['bytes_per_block']} bytes per block, this worker {bpb}")
+        src_blocks = list(handle.block_ids)
+        if len(dst_blocks) != len(src_blocks):
+            raise TransferError(f"{len(dst_blocks)} destination blocks for {len(src_blocks)} source blocks")
+        for side, blocks, limit in (("source", src_blocks, ep["num_blocks"]), ("destination", dst_blocks, dst.num_blocks)):
+            bad = [b for b in blocks if not 0 <= b < limit]
+            if bad:
+                raise TransferError(f"{side} block ids {bad[:4]} outside [0, {limit})")
+        if not src_blocks:
+            return 0
+        t0 = time.perf_counter()
+        remote = self._remote(ep)
+        local_base, _, local_dev, local_mem = self._local(dst)
+        runs = np.asarray(block_runs(src_blocks, dst_blocks), dtype=np.uint64)
+        lengths = runs[:, 2] * np.uint64(bpb)
+        local = np.stack([np.uint64(local_base) + runs[:, 1] * np.uint64(bpb), lengths,
+                          np.full(len(runs), local_dev, dtype=np.uint64)], axis=1)
+        far = np.stack([np.uint64(ep["base_addr"]) + runs[:, 0] * np.uint64(bpb), lengths,
+                        np.full(len(runs), ep["device_id"], dtype=np.uint64)], axis=1)
+        xfer = None
+        try:
+            local_descs = self.agent.get_xfer_descs(local, local_mem)
+            remote_descs = self.agent.get_xfer_descs(far, ep["mem_type"])
+            xfer = self.agent.initialize_xfer("READ", local_descs, remote_descs, remote, handle.request_id.encode())
+            state = self.agent.transfer(xfer)
+            self._wait(xfer, state, t0, handle)
+        except TransferError:
+            self._forget(remote)
+            raise
+        except Exception as e:  # nixlRemoteDisconnectError & co.: the holder is gone or unreachable
+            self._forget(remote)
+            raise TransferError(f"NIXL READ of {handle.request_id!r} from {remote!r} failed: {type(e).__name__}: {e}") from e
+        finally:
+            if xfer is not None:
+                self._release(xfer)
+        self._stats["seconds"] += time.perf_counter() - t0
+        return len(src_blocks) * bpb
+
+    def _wait(self, xfer, state: str, t0: float, handle: KVHandle) -> None:
+        delay = 2e-5
+        while state == "PROC":
+            if time.perf_counter() - t0 > self.timeout_s:
+                raise TransferError(f"NIXL READ of {handle.request_id!r} timed out after {self.timeout_s:g} s")
+            time.sleep(delay)  # releases the GIL; the backoff keeps short transfers short
+            delay = min(delay * 2, self.poll_s)
+            state = self.agent.check_xfer_state(xfer)
+        if state != "DONE":
+            raise TransferError(f"NIXL READ of {handle.request_id!r} failed (state {state})")
+
+    def _release(self, xfer) -> None:
+        try:
+            xfer.release()  # cancels a transfer still in flight
+        except Exception as e:
+            log.warning("could not release NIXL transfer handle %r: %s", xfer, e)
+
+    def _remote(self, ep: dict) -> str:
+        """Load a holder's metadata once per holder instance (a restarted holder has new keys)."""
+        name, instance = ep["agent"], ep.get("instance", "")
+        if self._remotes.get(name) != instance:
+            if name in self._remotes:
+                self._forget(name)
+            try:
+                loaded = self.agent.add_remote_agent(ep["metadata"])
+            except Exception as e:
+                raise TransferError(f"cannot load NIXL metadata of {name!r}: {type(e).__name__}: {e}") from e
+            loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
+            if loaded != name:
+                self._forget(loaded)
+                raise TransferError(f"endpoint names agent {name!r} but its metadata is agent {loaded!r}")
+            self._remotes[name] = instance
+        return name
+
+    def _forget(self, name: str) -> None:
+        """Drop a holder's metadata and connection: a failed or cancelled READ can land nothing later,
+        and the next handle from that holder reconnects from scratch."""
+        self._remotes.pop(name, None)
+        try:
+            self.agent.remove_remote_agent(name)
+        except Exception as e:
+            log.debug("removing NIXL remote agent %r: %s", name, e)
+
+    def _local(self, storage: PagedKVStorage) -> tuple[int, int, int, str]:
+        entry = self._storages.get(id(storage))
+        if entry is None:
+            base, nbytes, dev, mem = _region(storage)
+            reg = self.agent.register_memory([(base, nbytes, dev, "")], mem)
+            self._storages[id(storage)] = entry = (storage, reg)  # holding the storage pins its address
+        return _region(entry[0])

@@ -1,0 +1,326 @@
+"""The router's request front: validation, tokenization, detokenization and stop strings.
+
+One ``Frontend`` serves the gRPC server, the offline CLI and batch jobs, so a request gives the same
+tokens and text whichever way it arrives. It turns a ``CompletionRequest`` (text or token ids, as a
+client states it) into the engine's ``GenerateRequest``, runs it on a ``Backend`` and turns the
+engine's token increments into ``Delta``s with text. Stop strings live here because the engine knows
+only token ids: a match cuts the text, finishes the request with reason ``"stop"`` and closes the
+backend's iterator, which aborts the request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.backend import Backend, ModelInfo
+from router.tokenizer import Tokenizer
+from workers.engine.types import GenerateRequest, RequestError, SamplingParams, TokenLogprob, Usage
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A request as a client states it: exactly one of ``prompt`` (text) or ``prompt_ids``."""
+
+    prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str | None = None  # None: a UUID is assigned
+    cache_salt: str | None = None
+    priority: int = 0
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> CompletionRequest:
+        """A request from a JSON object (a batch line, a client's dict): ``prompt`` or ``prompt_ids``,
+        the ``SamplingParams`` fields, ``id``/``request_id``, ``cache_salt``, ``priority``.
+
+        Checks types only (values are the Frontend's to judge). Raises RequestError naming the key.
+        """
+        unknown = sorted(set(d) - _JSON_FIELDS)
+        if unknown:
+            raise RequestError(unknown[0], f"unknown field (known: {', '.join(sorted(_JSON_FIELDS))})")
+        for key, kind in _JSON_TYPES.items():
+            if d.get(key) is not None and not _is(d[key], kind):
+                raise RequestError(key, f"must be {kind}, got {type(d[key]).__name__}")
+        stop = d.get("stop")
+        sampling = {k: d[k] for k in _SAMPLING_KEYS if d.get(k) is not None}
+        sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        sampling["stop_token_ids"] = tuple(d.get("stop_token_ids") or ())
+        rid = d.get("request_id", d.get("id"))
+        return cls(
+            prompt=d.get("prompt"),
+            prompt_ids=tuple(d["prompt_ids"]) if d.get("prompt_ids") is not None else None,
+            params=SamplingParams(**sampling),
+            request_id=None if rid is None else str(rid),
+            cache_salt=d.get("cache_salt"),
+            priority=d.get("priority") or 0,
+        )
+
+
+@dataclass(frozen=True)
+class Delta:
+    """An increment of one request: new tokens and the text they complete.
+
+    ``usage`` holds totals so far. The last delta has ``finished`` and ``finish_reason``; ``error``
+    explains an ``"error"`` finish. Text is empty when the server has no tokenizer.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finished: bool
+    usage: Usage
+    finish_reason: str | None = None
+    ttft_s: float | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole completion: what ``Frontend.complete`` and the clients' ``generate`` return."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str
+    usage: Usage
+    ttft_s: float | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    error: str | None = None
+
+    @classmethod
+    def from_deltas(cls, deltas: list[Delta]) -> Completion:
+        """Join one request's deltas (the last must be finished)."""
+        last = deltas[-1]
+        return cls(
+            request_id=last.request_id,
+            token_ids=tuple(t for d in deltas for t in d.token_ids),
+            text="".join(d.text for d in deltas),
+            finish_reason=last.finish_reason or "abort",
+            usage=last.usage,
+            ttft_s=next((d.ttft_s for d in deltas if d.ttft_s is not None), None),
+            logprobs=tuple(lp for d in deltas for lp in d.logprobs),
+            error=last.error,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON shape the CLI prints (``generate --json``, ``client generate --json``, batch lines)."""
+        out: dict[str, Any] = {
+            "request_id": self.request_id,
+            "token_ids": list(self.token_ids),
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": {
+                "prompt_tokens": self.usage.prompt_tokens,
+                "cached_tokens": self.usage.cached_tokens,
+                "completion_tokens": self.usage.completion_tokens,
+            },
+            "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000.0, 3),
+        }
+        if self.logprobs:
+            out["logprobs"] = [
+                {"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
+                for lp in self.logprobs
+            ]
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class Frontend:
+    """Validates, tokenizes and runs requests on a backend; detokenizes and applies stop strings.
+
+    Args:
+        backend: runs token-id requests (``router.backend.Backend``).
+        tokenizer: the model's tokenizer, or None to accept token-id prompts only (text stays empty).
+    """
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer | None) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.info: ModelInfo = backend.info()
+        self._in_flight: set[str] = set()
+
+    def tokenize(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text``; RequestError("text") when the model has no tokenizer."""
+        return self._require_tokenizer("text").encode(text, add_bos=add_bos)
+
+    def prepare(self, req: CompletionRequest) -> GenerateRequest:
+        """Validate ``req`` against the model's limits and tokenize it.
+
+        Raises:
+            RequestError: naming the first bad field and the limit it broke.
+        """
+        info = self.info
+        params = req.params
+        params.validate(info.vocab_size)
+        if params.max_tokens > info.max_tokens_limit:
+            raise RequestError("max_tokens", f"must be ≤ {info.max_tokens_limit}, got {params.max_tokens}")
+        ids, name = self._prompt_ids(req)
+        if len(ids) >= info.max_context:
+            raise RequestError(name, f"prompt has {len(ids)} tokens; the context holds {info.max_context}")
+        if len(ids) + params.max_tokens > info.max_context:
+            raise RequestError(
+                "max_tokens",
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
+                f"{info.max_context} tokens; ask for at most {info.max_context - len(ids)}",
+            )
+        request_id = req.request_id or uuid.uuid4().hex
+        if request_id in self._in_flight:
+            raise RequestError("request_id", f"{request_id!r} is already in flight")
+        return GenerateRequest(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            params=params,
+            cache_salt=req.cache_salt or None,
+            priority=req.priority,
+        )
+
+    async def generate(self, req: CompletionRequest) -> AsyncIterator[Delta]:
+        """Run ``req``, yielding deltas; the last is finished.
+
+        Raises (before the first delta) RequestError, and whatever the backend raises on admission
+        (``AdmissionError``, ``BackendUnavailable``). Closing this iterator early aborts the request.
+        """
+        greq = self.prepare(req)
+        self._in_flight.add(greq.request_id)
+        try:
+            async with aclosing(self._run(greq)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            self._in_flight.discard(greq.request_id)
+
+    async def complete(self, req: CompletionRequest) -> Completion:
+        """Run ``req`` to the end and return the whole completion."""
+        deltas = []
+        async with aclosing(self.generate(req)) as stream:
+            async for delta in stream:
+                deltas.append(delta)
+        return Completion.from_deltas(deltas)
+
+    async def _run(self, greq: GenerateRequest) -> AsyncIterator[Delta]:
+        stops = greq.params.stop
+        # Text that could still be the start of a stop string is held back until it can't.
+        hold = max((len(s) for s in stops), default=1) - 1
+        detok = self.tokenizer.detokenizer(greq.prompt_token_ids) if self.tokenizer else None
+        text, sent, num_tokens, ttft = "", 0, 0, None
+        usage = Usage(len(greq.prompt_token_ids), 0, 0)
+        stream = self.backend.generate(greq)
+        try:
+            async for out in stream:
+                num_tokens += len(out.new_token_ids)
+                ttft = out.ttft_s if out.ttft_s is not None else ttft
+                usage = out.usage
+                searched = len(text)
+                if detok is not None:
+                    text += detok.push(out.new_token_ids)
+                    if out.finished:
+                        text += detok.flush()
+                cut = _find_stop(text, stops, max(0, searched - hold))
+                if cut is not None:
+                    text = text[:cut]
+                    usage = Usage(out.usage.prompt_tokens, out.usage.cached_tokens, num_tokens)
+                    yield Delta(
+                        greq.request_id, out.new_token_ids, text[sent:], True, usage, "stop", ttft, out.logprobs
+                    )
+                    return
+                end = len(text) if out.finished else max(sent, len(text) - hold)
+                yield Delta(
+                    greq.request_id,
+                    out.new_token_ids,
+                    text[sent:end],
+                    out.finished,
+                    out.usage,
+                    out.finish_reason if out.finished else None,
+                    ttft,
+                    out.logprobs,
+                    out.error,
+                )
+                sent = end
+                if out.finished:
+                    return
+            # The backend ended without a finished output: still end the request's deltas properly.
+            rest = detok.flush() if detok is not None else ""
+            yield Delta(greq.request_id, (), text[sent:] + rest, True, usage, "abort", ttft)
+        finally:
+            # Closing the backend's iterator is what aborts the request and frees its blocks.
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _prompt_ids(self, req: CompletionRequest) -> tuple[tuple[int, ...], str]:
+        """The prompt's token ids and the name of the field they came from."""
+        if req.prompt is not None and req.prompt_ids is not None:
+            raise RequestError("prompt", "give either a text prompt or prompt_ids, not both")
+        if req.prompt_ids is not None:
+            ids = tuple(req.prompt_ids)
+            if not ids:
+                raise RequestError("prompt_ids", "the prompt is empty")
+            vocab = self.info.vocab_size
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise RequestError("prompt_ids", f"token id {t!r} is outside the vocabulary [0, {vocab})")
+            return ids, "prompt_ids"
+        if not req.prompt:
+            raise RequestError("prompt", "the prompt is empty")
+        ids = tuple(self._require_tokenizer("prompt").encode(req.prompt))
+        if not ids:
+            raise RequestError("prompt", "the prompt encodes to no tokens")
+        return ids, "prompt"
+
+    def _require_tokenizer(self, field_name: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise RequestError(
+                field_name,
+                f"model {self.info.model_id!r} has no tokenizer (no tokenizer.json): send prompt_ids",
+            )
+        return self.tokenizer
+
+
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "logprobs")
+_JSON_TYPES = {
+    "prompt": "a string",
+    "prompt_ids": "a list of integers",
+    "max_tokens": "an integer",
+    "temperature": "a number",
+    "top_p": "a number",
+    "top_k": "an integer",
+    "seed": "an integer",
+    "stop": "a string or a list of strings",
+    "stop_token_ids": "a list of integers",
+    "ignore_eos": "a boolean",
+    "logprobs": "an integer",
+    "cache_salt": "a string",
+    "priority": "an integer",
+}
+_JSON_FIELDS = frozenset(_JSON_TYPES) | {"id", "request_id"}
+
+
+def _is(value: Any, kind: str) -> bool:
+    """Whether a JSON value has the kind named in ``_JSON_TYPES`` (bools are not numbers here)."""
+
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if kind == "an integer":
+        return integer(value)
+    if kind == "a number":
+        return integer(value) or isinstance(value, float)
+    if kind == "a boolean":
+        return isinstance(value, bool)
+    if kind == "a string":
+        return isinstance(value, str)
+    if kind == "a list of integers":
+        return isinstance(value, (list, tuple)) and all(integer(v) for v in value)
+    return isinstance(value, str) or isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    """Index of the earliest stop string in ``text[start:]``, or None."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None

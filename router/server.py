@@ -1,0 +1,221 @@
+"""The gRPC server: ``dsaserve.v1.DsaServe`` on a ``Frontend``, plus health and reflection.
+
+Statuses (see the .proto): INVALID_ARGUMENT with "FIELD: limit" details and the field in the
+``dsaserve-field`` trailing metadata; RESOURCE_EXHAUSTED with ``grpc-retry-pushback-ms``;
+UNAVAILABLE; DEADLINE_EXCEEDED. Every call runs its request under ``aclosing``, so a cancelled call, a
+passed deadline or a stop string closes the backend's iterator, which aborts the request and frees
+its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from router import wire
+from router.backend import AdmissionError, Backend, BackendUnavailable
+from router.frontend import Completion, CompletionRequest, Frontend
+from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
+from router.proto.dsaserve.v1 import dsaserve_pb2_grpc as pb_grpc
+from router.tokenizer import Tokenizer
+from workers.engine.types import RequestError
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DsaServe"].full_name
+DEFAULT_BATCH_CONCURRENCY = 64
+MAX_BATCH_RETRY_WAIT_S = 1.0
+_PORTS: weakref.WeakKeyDictionary[grpc.aio.Server, int] = weakref.WeakKeyDictionary()
+
+
+class CallError(Exception):
+    """A failure to report as a gRPC status (or as a batch response's error)."""
+
+    def __init__(self, info: wire.ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.info = info
+
+
+def to_call_error(exc: BaseException) -> CallError:
+    """Map what the frontend and backend raise to a status (unexpected errors: INTERNAL)."""
+    if isinstance(exc, CallError):
+        return exc
+    if isinstance(exc, RequestError):
+        return CallError(wire.ErrorInfo("INVALID_ARGUMENT", str(exc), exc.field))
+    if isinstance(exc, AdmissionError):
+        msg = f"{exc}; retry after {exc.retry_after_s:g} s"
+        return CallError(wire.ErrorInfo("RESOURCE_EXHAUSTED", msg, retry_after_s=exc.retry_after_s))
+    if isinstance(exc, BackendUnavailable):
+        return CallError(wire.ErrorInfo("UNAVAILABLE", str(exc) or "no healthy worker"))
+    if isinstance(exc, TimeoutError):
+        return CallError(wire.ErrorInfo("DEADLINE_EXCEEDED", "deadline exceeded; the request was aborted"))
+    log.exception("request failed", exc_info=exc)
+    return CallError(wire.ErrorInfo("INTERNAL", f"{type(exc).__name__}: {exc}"))
+
+
+class DsaServeServicer(pb_grpc.DsaServeServicer):
+    """Implements the RPCs on a ``Frontend``; ``batch_concurrency`` bounds one GenerateBatch call's
+    requests in flight (and its buffered responses)."""
+
+    def __init__(self, frontend: Frontend, *, batch_concurrency: int = DEFAULT_BATCH_CONCURRENCY) -> None:
+        self.frontend = frontend
+        self.batch_concurrency = batch_concurrency
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        req = wire.request_from_proto(request)
+        try:
+            async with asyncio.timeout(context.time_remaining()):
+                async with aclosing(self.frontend.generate(req)) as deltas:
+                    if request.stream:
+                        async for delta in deltas:
+                            _raise_on_engine_error(delta.finish_reason, delta.error)
+                            await context.write(wire.delta_to_proto(delta))
+                    else:
+                        completion = Completion.from_deltas([d async for d in deltas])
+                        _raise_on_engine_error(completion.finish_reason, completion.error)
+                        await context.write(wire.completion_to_proto(completion))
+        except Exception as exc:  # noqa: BLE001 — every failure becomes a status
+            error = to_call_error(exc)
+        else:
+            return
+        await _abort(context, error.info)
+
+    async def GenerateBatch(
+        self, request_iterator: AsyncIterator[pb.GenerateRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        # Bounded both ways: at most `batch_concurrency` requests run, and a finished one holds its
+        # slot until its response is queued, so a client that stops reading stops the intake.
+        results: asyncio.Queue[pb.GenerateResponse | BaseException | None] = asyncio.Queue(self.batch_concurrency)
+        slots = asyncio.Semaphore(self.batch_concurrency)
+        running: set[asyncio.Task] = set()
+
+        async def run_one(msg: pb.GenerateRequest) -> None:
+            try:
+                await results.put(await self._batch_one(msg))
+            finally:
+                slots.release()
+
+        async def read_all() -> None:
+            try:
+                async for msg in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(run_one(msg))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(set(running))
+                await results.put(None)
+            except Exception as exc:  # noqa: BLE001 — handed to the writer, which reports it
+                await results.put(exc)
+
+        reader = asyncio.create_task(read_all())
+        error: CallError | None = None
+        try:
+            async with asyncio.timeout(context.time_remaining()):
+                while (item := await results.get()) is not None:
+                    if isinstance(item, BaseException):
+                        error = to_call_error(item)
+                        break
+                    await context.write(item)
+        except TimeoutError as exc:
+            error = to_call_error(exc)
+        finally:
+            # Cancelling a request's task closes its backend iterator: the request is aborted.
+            for task in (reader, *running):
+                task.cancel()
+        if error is not None:
+            await _abort(context, error.info)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        add_bos = request.add_bos if request.HasField("add_bos") else None
+        try:
+            ids = self.frontend.tokenize(request.text, add_bos=add_bos)
+        except RequestError as exc:
+            await _abort(context, to_call_error(exc).info)
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[wire.model_to_proto(self.frontend.info)])
+
+    async def _batch_one(self, msg: pb.GenerateRequest) -> pb.GenerateResponse:
+        """One batch request to its final response; failures become error responses. A full queue
+        is waited out: a batch trades latency for throughput."""
+        req: CompletionRequest = wire.request_from_proto(msg)
+        req = dataclasses.replace(req, request_id=req.request_id or uuid.uuid4().hex)
+        while True:
+            try:
+                completion = await self.frontend.complete(req)
+            except AdmissionError as exc:
+                await asyncio.sleep(min(max(exc.retry_after_s, 0.01), MAX_BATCH_RETRY_WAIT_S))
+                continue
+            except Exception as exc:  # noqa: BLE001 — reported in the response
+                return wire.error_to_proto(req.request_id, to_call_error(exc).info)
+            if completion.finish_reason == "error":
+                completion = dataclasses.replace(completion, error=completion.error or "the engine failed the request")
+            return wire.completion_to_proto(completion)
+
+
+async def start_server(
+    backend: Backend,
+    tokenizer: Tokenizer | None,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    *,
+    batch_concurrency: int | None = None,
+) -> grpc.aio.Server:
+    """Start serving ``DsaServe``, ``grpc.health.v1.Health`` (SERVING) and server reflection.
+
+    ``port`` 0 picks a free port; ``server_port(server)`` tells which. The caller stops the server
+    (``await server.stop(grace)``) and closes the backend.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    frontend = Frontend(backend, tokenizer)
+    concurrency = batch_concurrency or max(1, min(DEFAULT_BATCH_CONCURRENCY, frontend.info.max_queue))
+    server = grpc.aio.server()
+    pb_grpc.add_DsaServeServicer_to_server(DsaServeServicer(frontend, batch_concurrency=concurrency), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    _PORTS[server] = bound
+    return server
+
+
+def server_port(server: grpc.aio.Server) -> int:
+    """The port a server from ``start_server`` listens on."""
+    return _PORTS[server]
+
+
+def _raise_on_engine_error(finish_reason: str | None, error: str | None) -> None:
+    if finish_reason == "error":
+        raise CallError(wire.ErrorInfo("INTERNAL", error or "the engine failed the request"))
+
+
+async def _abort(context: grpc.aio.ServicerContext, info: wire.ErrorInfo) -> None:
+    """End the call with ``info`` as its status (raises, as ``context.abort`` does)."""
+    metadata: list[tuple[str, str]] = []
+    if info.field:
+        metadata.append((wire.FIELD_KEY, info.field))
+    if info.retry_after_s is not None:
+        metadata.append((wire.RETRY_PUSHBACK_KEY, str(max(1, round(info.retry_after_s * 1000)))))
+    await context.abort(getattr(grpc.StatusCode, info.code), info.message, trailing_metadata=tuple(metadata))
