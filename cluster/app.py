@@ -97,7 +97,7 @@ class RayBackend:
         except Exception:  # the board is gone: report the router alone
             workers = []
         router = {"requests_total": self.requests_total, "in_flight": self.in_flight, "errors_total": self.errors_total}
-        return {"router": router, "workers": workers}
+        return {"mode": "cluster", "router": router, "workers": workers}
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         if self.in_flight >= self._info.max_queue:
@@ -192,6 +192,9 @@ class RouterServer:
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
         return await self.servicer.ListModels(request, _ServeContext(grpc_context))
+
+    async def Status(self, request: pb.StatusRequest, grpc_context) -> pb.StatusResponse:
+        return await self.servicer.Status(request, _ServeContext(grpc_context))
 
     async def Check(self, request, grpc_context):
         from grpc_health.v1 import health_pb2

@@ -2,6 +2,8 @@
 
     dsaserve model init OUT_DIR --preset tiny|small|FILE.json [--fp8] [--seed N] [--max-shard-mb M]
     dsaserve model info PATH [--dtype bfloat16|float32|float8] [--json]
+    dsaserve local | generate | client generate | batch      (cluster/cli_serve.py)
+    dsaserve serve --config FILE | status                     (cluster/cli_cluster.py)
 
 Errors a user can fix (bad config, broken checkpoint, bad argument) exit with status 2 and one line.
 """
@@ -48,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dsaserve", description="Serve DeepSeek-V3.2 models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_model_commands(commands)
+    from cluster import cli_cluster, cli_serve  # after the torch-free imports above: still no torch
+
+    cli_serve.register(commands)
+    cli_cluster.register(commands)
     return parser
 
 

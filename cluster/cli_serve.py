@@ -24,7 +24,7 @@ from typing import Any
 
 from router.backend import AdmissionError, BackendUnavailable
 from workers.engine.types import RequestError
-from workers.model.checkpoint import CheckpointError
+from workers.model.shards import CheckpointError
 from workers.model.config import ConfigError
 
 

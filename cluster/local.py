@@ -3,7 +3,6 @@ an in-memory block index, local KV transfer. The embedded default and the mode m
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -85,7 +84,8 @@ class LocalBackend:
             index_topk=mc.index_topk, has_tokenizer=(model_dir / "tokenizer.json").is_file(),
         )
         self._in_flight = 0
-        self._ids = itertools.count()
+        self._requests_total = 0
+        self._errors_total = 0
 
     @classmethod
     def start(cls, model_dir: str | Path | None = None, *, engine_config: EngineConfig | None = None, disaggregate: bool = True) -> "LocalBackend":
@@ -106,7 +106,9 @@ class LocalBackend:
 
     def stats(self) -> dict:
         engines = [e for e in (self.prefill_engine, self.decode_engine) if e is not None]
-        return {"in_flight": self._in_flight, "workers": [vars(e.stats()) for e in engines]}
+        healthy = self.loop.error is None
+        router = {"requests_total": self._requests_total, "in_flight": self._in_flight, "errors_total": self._errors_total}
+        return {"mode": "local", "router": router, "workers": [{**e.status(), "healthy": healthy} for e in engines]}
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         if self._in_flight >= self.engine_config.max_queue:
@@ -116,6 +118,7 @@ class LocalBackend:
 
             raise BackendUnavailable(f"engine loop stopped: {self.loop.error}")
         self._in_flight += 1
+        self._requests_total += 1
         try:
             if self.prefill is None:
                 stream = self.decode.generate(req)
@@ -124,6 +127,8 @@ class LocalBackend:
                                                 max_model_len=self._info.max_context)
             async with aclosing(stream) as outs:
                 async for out in outs:
+                    if out.finish_reason == "error":
+                        self._errors_total += 1
                     yield out
         finally:
             self._in_flight -= 1

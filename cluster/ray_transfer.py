@@ -20,13 +20,21 @@ from workers.engine.types import KVHandle
 class RayHolder:
     """Holder side: publishes block bytes as an object; the lease ends on the next engine step."""
 
+    name = "ray"
+
     def __init__(self, storage: PagedKVStorage) -> None:
         self.storage = storage
         self._done: list[str] = []
+        self._stats = {"backend": self.name, "bytes": 0, "transfers": 0, "failures": 0}
+
+    def stats(self) -> dict:
+        return dict(self._stats)
 
     def endpoint(self, block_ids: Sequence[int] = (), request_id: str = "") -> dict:
         data = self.storage.read_blocks(block_ids).numpy()
         ref = ray.put(data)
+        self._stats["transfers"] += 1
+        self._stats["bytes"] += int(data.nbytes)
         if request_id:
             self._done.append(request_id)
         return {"backend": "ray", "ref": ref, "nbytes": int(data.nbytes)}

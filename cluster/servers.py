@@ -63,8 +63,6 @@ class _EngineServer:
                  transfer_timeout_s: float = 30.0) -> None:
         torch.set_num_threads(torch_threads)
         self.worker_id = _replica_id(self.role)
-        self.transfer_kind = transfer
-        self.requests_total = 0
         model = load_model(model_dir)
         self.engine = Engine(model, engine_config, role=self.role, worker_id=self.worker_id,
                              model_id=Path(model_dir).name, **self._transfer_args(transfer, transfer_timeout_s))
@@ -77,17 +75,8 @@ class _EngineServer:
     def _transfer_args(self, transfer: str, timeout_s: float) -> dict:
         return {}
 
-    def transfer_stats(self) -> dict:
-        return {"backend": self.transfer_kind, "bytes": 0, "transfers": 0, "failures": 0}
-
     def stats(self) -> dict:
-        s = self.engine.stats()
-        return {
-            "id": self.worker_id, "role": self.role, "requests_total": self.requests_total,
-            "running": s.running, "waiting": s.waiting, "free_blocks": s.free_blocks,
-            "total_blocks": s.total_blocks, "tokens_per_s": round(s.tokens_per_s, 2),
-            "kv_transfer": self.transfer_stats(), "healthy": self.loop.error is None,
-        }
+        return {**self.engine.status(), "healthy": self.loop.error is None}
 
     def _publish(self) -> None:
         while not self._stop.wait(STATS_PERIOD_S):
@@ -122,13 +111,7 @@ class PrefillServer(_EngineServer):
             return {"holder_factory": RayHolder}
         raise ValueError(f"transfer {transfer!r} cannot cross processes; use nixl or ray")
 
-    def transfer_stats(self) -> dict:
-        holder = self.engine.holder
-        extra = holder.stats() if hasattr(holder, "stats") else {}
-        return {"backend": self.transfer_kind, "bytes": 0, "transfers": 0, "failures": 0, **extra}
-
     async def prefill(self, request: GenerateRequest) -> KVHandle:
-        self.requests_total += 1
         return await self.worker.prefill(request)
 
     def release(self, request_id: str) -> None:
@@ -153,15 +136,11 @@ class DecodeServer(_EngineServer):
             raise ValueError(f"transfer {transfer!r} cannot cross processes; use nixl or ray")
         return {"transfer": self.transfer}
 
-    def transfer_stats(self) -> dict:
-        return self.transfer.stats()
-
     async def decode(self, request: GenerateRequest, handle: KVHandle) -> AsyncIterator[dict | RequestOutput]:
         """Stream: first ``{"read": None}`` or ``{"read": "error text"}``, then the outputs.
 
         (Exceptions crossing a Serve stream arrive wrapped; a typed first item is unambiguous.)
         """
-        self.requests_total += 1
         async with aclosing(self.worker.decode(request, handle, lambda _err: None)) as stream:
             try:
                 first = await stream.__anext__()
@@ -174,7 +153,6 @@ class DecodeServer(_EngineServer):
                 yield out
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        self.requests_total += 1
         async with aclosing(self.worker.generate(request)) as stream:
             async for out in stream:
                 yield out

@@ -29,7 +29,7 @@ class KVTransfer(Protocol):
 
 
 class KVHolder(Protocol):
-    """The holder's side of a backend (a prefill worker's pool).
+    """The holder's side of a backend (a prefill worker's pool), named by ``name``.
 
     Contract: ``endpoint(block_ids, request_id)`` is what the ``KVHandle`` of those blocks carries so a reader can
     find them (picklable and small for a zero-copy backend, which may ignore ``block_ids``; an
@@ -37,6 +37,8 @@ class KVHolder(Protocol):
     returns request ids whose blocks readers have finished reading since the last call (from the
     backend's notifications), so the holder can drop those leases even if no release call arrives.
     """
+
+    name: str
 
     def endpoint(self, block_ids: Sequence[int] = (), request_id: str = "") -> dict: ...
 
@@ -77,6 +79,8 @@ class LocalTransfer:
 
 class LocalHolder:
     """Holder side of LocalTransfer: the worker id is the whole endpoint; releases come by call."""
+
+    name = "local"
 
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id

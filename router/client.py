@@ -180,6 +180,10 @@ class Client:
     def list_models(self) -> list[ModelInfo]:
         return [wire.model_from_proto(m) for m in self._unary(self._stub.ListModels, pb.ListModelsRequest()).models]
 
+    def status(self) -> dict:
+        """Workers' and router's status: ``{"mode", "router": {...}, "workers": [{"id", "role", ...}]}``."""
+        return wire.status_from_proto(self._unary(self._stub.Status, pb.StatusRequest()))
+
     def health(self, service: str = "") -> str:
         """The health status name ("SERVING", "NOT_SERVING", ...)."""
         resp = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service))
@@ -260,6 +264,9 @@ class AsyncClient:
         return [
             wire.model_from_proto(m) for m in (await self._unary(self._stub.ListModels, pb.ListModelsRequest())).models
         ]
+
+    async def status(self) -> dict:
+        return wire.status_from_proto(await self._unary(self._stub.Status, pb.StatusRequest()))
 
     async def health(self, service: str = "") -> str:
         resp = await self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service))

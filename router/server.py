@@ -148,6 +148,10 @@ class DsaServeServicer(pb_grpc.DsaServeServicer):
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[wire.model_to_proto(self.frontend.info)])
 
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        # Cluster backends gather stats over the network: off the event loop.
+        return wire.status_to_proto(await asyncio.to_thread(self.frontend.backend.stats))
+
     async def _batch_one(self, msg: pb.GenerateRequest) -> pb.GenerateResponse:
         """One batch request to its final response; failures become error responses. A full queue
         is waited out: a batch trades latency for throughput."""

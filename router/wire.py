@@ -184,3 +184,43 @@ def _logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
 
 def _logprob_from_proto(lp: pb.TokenLogprob) -> TokenLogprob:
     return TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+
+
+def status_to_proto(status: dict) -> pb.StatusResponse:
+    """Backend ``stats()`` dict → StatusResponse (unknown keys are dropped)."""
+    router = status.get("router", {})
+    workers = []
+    for w in status.get("workers", []):
+        kv = w.get("kv_transfer", {})
+        workers.append(pb.WorkerStatus(
+            id=w["id"], role=w["role"], requests_total=w.get("requests_total", 0), running=w.get("running", 0),
+            waiting=w.get("waiting", 0), free_blocks=w.get("free_blocks", 0), total_blocks=w.get("total_blocks", 0),
+            tokens_per_s=w.get("tokens_per_s", 0.0), healthy=w.get("healthy", True),
+            kv_transfer=pb.KVTransferStats(backend=kv.get("backend", "none"), bytes=kv.get("bytes", 0),
+                                           transfers=kv.get("transfers", 0), failures=kv.get("failures", 0)),
+        ))
+    return pb.StatusResponse(
+        mode=status.get("mode", ""),
+        router=pb.RouterStatus(requests_total=router.get("requests_total", 0), in_flight=router.get("in_flight", 0),
+                               errors_total=router.get("errors_total", 0)),
+        workers=workers,
+    )
+
+
+def status_from_proto(msg: pb.StatusResponse) -> dict:
+    """StatusResponse → the JSON ``dsaserve status --json`` prints (numbers stay numbers)."""
+    r = msg.router
+    return {
+        "mode": msg.mode,
+        "router": {"requests_total": r.requests_total, "in_flight": r.in_flight, "errors_total": r.errors_total},
+        "workers": [
+            {
+                "id": w.id, "role": w.role, "requests_total": w.requests_total, "running": w.running,
+                "waiting": w.waiting, "free_blocks": w.free_blocks, "total_blocks": w.total_blocks,
+                "tokens_per_s": w.tokens_per_s, "healthy": w.healthy,
+                "kv_transfer": {"backend": w.kv_transfer.backend, "bytes": w.kv_transfer.bytes,
+                                "transfers": w.kv_transfer.transfers, "failures": w.kv_transfer.failures},
+            }
+            for w in msg.workers
+        ],
+    }

@@ -91,6 +91,7 @@ class Engine:
         self._leases: dict[str, tuple[Sequence, float]] = {}
         self._imports: list[_Import] = []
         self._tokens_done = 0
+        self.requests_total = 0
         self._started = time.monotonic()
 
     # ------------------------------------------------------------------ any thread
@@ -117,7 +118,21 @@ class Engine:
             worker_id=self.worker_id, role=self.role, waiting=len(self.scheduler.waiting) + len(self._imports),
             running=len(self.scheduler.running), free_blocks=self.pool.num_free,
             total_blocks=self.config.num_blocks, tokens_per_s=self._tokens_done / elapsed,
+            requests_total=self.requests_total,
         )
+
+    def status(self) -> dict:
+        """JSON-able status for ``dsaserve status``: stats plus the KV transfer counters."""
+        s = self.stats()
+        side = self.transfer if self.transfer is not None else self.holder
+        kv = side.stats() if side is not None and hasattr(side, "stats") else {}
+        default_backend = getattr(side, "name", "none")
+        return {
+            "id": s.worker_id, "role": s.role, "requests_total": s.requests_total, "running": s.running,
+            "waiting": s.waiting, "free_blocks": s.free_blocks, "total_blocks": s.total_blocks,
+            "tokens_per_s": round(s.tokens_per_s, 2),
+            "kv_transfer": {"backend": default_backend, "bytes": 0, "transfers": 0, "failures": 0, **kv},
+        }
 
     # ------------------------------------------------------------------ engine thread
     def has_work(self) -> bool:
@@ -233,6 +248,7 @@ class Engine:
                 self._release_lease(cmd[1])
 
     def _add(self, request: GenerateRequest, sink: Sink) -> None:
+        self.requests_total += 1
         seq = self._new_sequence(request, list(request.prompt_token_ids))
         seq.handoff = self.role == "prefill"
         self._sinks[request.request_id] = sink
@@ -289,6 +305,7 @@ class Engine:
     def _import_one(self, imp: _Import) -> bool:
         """Pull a handle's blocks and start decoding; False to retry when blocks are short."""
         handle, request = imp.handle, imp.request
+        self.requests_total += 1
         if handle.fingerprint != self.fingerprint:
             imp.on_read(TransferError(f"KV layout mismatch: holder {handle.fingerprint} vs this worker {self.fingerprint}"))
             return True

@@ -149,3 +149,4 @@ class WorkerStats:
     free_blocks: int
     total_blocks: int
     tokens_per_s: float = 0.0
+    requests_total: int = 0

@@ -161,3 +161,63 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[Model]
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KVTransferStats(_message.Message):
+    __slots__ = ("backend", "bytes", "transfers", "failures")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    bytes: int
+    transfers: int
+    failures: int
+    def __init__(self, backend: _Optional[str] = ..., bytes: _Optional[int] = ..., transfers: _Optional[int] = ..., failures: _Optional[int] = ...) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("id", "role", "requests_total", "running", "waiting", "free_blocks", "total_blocks", "tokens_per_s", "kv_transfer", "healthy")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    role: str
+    requests_total: int
+    running: int
+    waiting: int
+    free_blocks: int
+    total_blocks: int
+    tokens_per_s: float
+    kv_transfer: KVTransferStats
+    healthy: bool
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., requests_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., healthy: _Optional[bool] = ...) -> None: ...
+
+class RouterStatus(_message.Message):
+    __slots__ = ("requests_total", "in_flight", "errors_total")
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    requests_total: int
+    in_flight: int
+    errors_total: int
+    def __init__(self, requests_total: _Optional[int] = ..., in_flight: _Optional[int] = ..., errors_total: _Optional[int] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("mode", "router", "workers")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    router: RouterStatus
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    def __init__(self, mode: _Optional[str] = ..., router: _Optional[_Union[RouterStatus, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...

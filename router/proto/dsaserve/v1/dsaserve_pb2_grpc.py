@@ -55,6 +55,11 @@ class DsaServeStub:
                 request_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/dsaserve.v1.DsaServe/Status',
+                request_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.StatusRequest.SerializeToString,
+                response_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.StatusResponse.FromString,
+                _registered_method=True)
 
 
 class DsaServeServicer:
@@ -92,6 +97,13 @@ class DsaServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """Every worker's load, KV blocks and KV transfer counters, plus the router's totals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DsaServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +126,11 @@ def add_DsaServeServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.ListModelsRequest.FromString,
                     response_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.StatusRequest.FromString,
+                    response_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +242,33 @@ class DsaServe:
             '/dsaserve.v1.DsaServe/ListModels',
             dsaserve_dot_v1_dot_dsaserve__pb2.ListModelsRequest.SerializeToString,
             dsaserve_dot_v1_dot_dsaserve__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsaserve.v1.DsaServe/Status',
+            dsaserve_dot_v1_dot_dsaserve__pb2.StatusRequest.SerializeToString,
+            dsaserve_dot_v1_dot_dsaserve__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
