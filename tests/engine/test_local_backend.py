@@ -145,3 +145,20 @@ def test_failed_kv_transfer_falls_back_to_recompute_with_the_same_tokens(tiny_ck
         while be.prefill_engine._leases and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not be.prefill_engine._leases  # the holder's lease was released, not leaked
+
+
+def test_a_caller_that_vanishes_does_not_stop_the_engine(tiny_ckpt):
+    """A client whose event loop closes mid-stream (no clean cancel) loses its request, nothing else."""
+    with LocalBackend.start(tiny_ckpt, engine_config=EngineConfig(num_blocks=32), disaggregate=False) as be:
+
+        async def read_one_and_vanish():
+            stream = be.generate(_greedy("gone", prompt(100, seed=11), 400))
+            await stream.__anext__()  # then the loop closes with the stream still open
+
+        asyncio.run(read_one_and_vanish())
+        tokens, last = asyncio.run(_run(be, _greedy("next", prompt(40, seed=12), 5)))
+        assert len(tokens) == 5 and last.finish_reason == "length" and be.loop.error is None
+        deadline = time.monotonic() + 5
+        while be.decode_engine.pool.num_free != 32 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert be.decode_engine.pool.num_free == 32 and not be.decode_engine.scheduler.running

@@ -12,6 +12,7 @@ queue commands that ``step()`` applies on the engine's own thread, so scheduling
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -35,6 +36,7 @@ from .stop import finish_reason
 from .types import GenerateRequest, KVHandle, LayoutFingerprint, RequestOutput, Usage, WorkerStats
 
 Sink = Callable[[RequestOutput | KVHandle], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -189,22 +191,32 @@ class Engine:
             self._hand_off(seq)
             return
         reason = finish_reason(seq.request.params, token, seq.num_output_tokens, len(seq.token_ids), self.model.config.eos_token_id, self.max_model_len)
-        self._emit(seq, reason)
-        if reason is not None:
-            self._finish(seq)
+        delivered = self._emit(seq, reason)
+        if reason is not None or not delivered:
+            self._finish(seq)  # finished, or nobody is listening any more: free its blocks now
 
-    def _emit(self, seq: Sequence, reason, error: str | None = None) -> None:
+    def _send(self, request_id: str, sink: Sink, item: RequestOutput | KVHandle) -> bool:
+        """Deliver to the caller; False when the caller is gone (e.g. its event loop closed)."""
+        try:
+            sink(item)
+            return True
+        except Exception:  # a vanished caller must never stop the engine
+            log.info("caller of %s is gone; dropping the request", request_id)
+            return False
+
+    def _emit(self, seq: Sequence, reason, error: str | None = None) -> bool:
         new = tuple(seq.token_ids[seq.prompt_len + seq.emitted :])
         lps = tuple(seq.logprobs[seq.emitted :]) if seq.logprobs else ()
         seq.emitted = seq.num_output_tokens
         ttft = None if seq.first_token_time is None else seq.first_token_time - seq.arrival
         sink = self._sinks.get(seq.request_id)
-        if sink is not None:
-            sink(RequestOutput(
-                request_id=seq.request_id, new_token_ids=new, finished=reason is not None,
-                usage=Usage(seq.prompt_len, seq.num_cached_tokens, seq.num_output_tokens),
-                finish_reason=reason, logprobs=lps, ttft_s=ttft, error=error,
-            ))
+        if sink is None:
+            return False
+        return self._send(seq.request_id, sink, RequestOutput(
+            request_id=seq.request_id, new_token_ids=new, finished=reason is not None,
+            usage=Usage(seq.prompt_len, seq.num_cached_tokens, seq.num_output_tokens),
+            finish_reason=reason, logprobs=lps, ttft_s=ttft, error=error,
+        ))
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
@@ -228,8 +240,8 @@ class Engine:
         )
         sink = self._sinks.pop(seq.request_id, None)
         self._seqs.pop(seq.request_id, None)
-        if sink is not None:
-            sink(handle)
+        if sink is None or not self._send(seq.request_id, sink, handle):
+            self._release_lease(seq.request_id)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -295,6 +307,13 @@ class Engine:
             if expires < now:
                 self._release_lease(rid)
 
+    @staticmethod
+    def _notify_read(imp: _Import, err: Exception | None) -> None:
+        try:
+            imp.on_read(err)
+        except Exception:  # the caller is gone; its request is dropped by the next send
+            log.info("caller of %s is gone", imp.request.request_id)
+
     def _try_imports(self) -> None:
         pending = []
         for imp in self._imports:
@@ -307,14 +326,14 @@ class Engine:
         handle, request = imp.handle, imp.request
         self.requests_total += 1
         if handle.fingerprint != self.fingerprint:
-            imp.on_read(TransferError(f"KV layout mismatch: holder {handle.fingerprint} vs this worker {self.fingerprint}"))
+            self._notify_read(imp, TransferError(f"KV layout mismatch: holder {handle.fingerprint} vs this worker {self.fingerprint}"))
             return True
         if self.transfer is None:
-            imp.on_read(TransferError(f"worker {self.worker_id} has no KV transfer backend"))
+            self._notify_read(imp, TransferError(f"worker {self.worker_id} has no KV transfer backend"))
             return True
         error = self._capacity_error(len(request.prompt_token_ids), request.params.max_tokens)
         if error:
-            imp.on_read(TransferError(error))
+            self._notify_read(imp, TransferError(error))
             return True
         if not self.pool.can_allocate(len(handle.block_ids)):
             return False
@@ -323,7 +342,7 @@ class Engine:
             self.transfer.read(handle, self.storage, blocks)
         except Exception as e:  # any failure: free what we took, report, never decode garbage
             self.pool.release(blocks)
-            imp.on_read(e if isinstance(e, TransferError) else TransferError(str(e)))
+            self._notify_read(imp, e if isinstance(e, TransferError) else TransferError(str(e)))
             return True
         seq = self._new_sequence(request, list(request.prompt_token_ids) + [handle.first_token])
         seq.block_table, seq.num_computed_tokens = blocks, handle.num_tokens
@@ -335,5 +354,5 @@ class Engine:
         self._seqs[request.request_id] = seq
         self._sinks[request.request_id] = imp.sink
         self.scheduler.add_running(seq)
-        imp.on_read(None)
+        self._notify_read(imp, None)
         return True
