@@ -46,9 +46,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     stop = threading.Event()
+    handle = app.start(config, address=address)
+    # After ray.init: Ray's core worker installs its own SIGTERM handler (which aborts the process).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    handle = app.start(config, address=address)
     try:
         ready = app.wait_ready(handle, config)
         print(
