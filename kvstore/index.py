@@ -121,7 +121,8 @@ class KVIndex(Protocol):
       the index restarted empty): the worker must register again and re-publish all of its blocks.
     - ``store``/``remove`` record that a worker holds (or no longer holds) blocks on a tier; both are
       idempotent, a block may sit on several tiers, and both raise ``WorkerNotRegistered`` for a worker
-      that does not count. Each call that changes something appends one ``IndexEvent``.
+      that does not count. Each call that changes something appends one ``IndexEvent``
+      (``clear_worker`` and expiry append none: consumers learn of them from ``workers()``).
     - ``longest_prefix(hashes)`` answers, for every live worker, how many leading blocks of ``hashes``
       it holds on any tier (0 included), in one round trip; per tier counts use each block's fastest tier.
     - ``check_hash_agreement`` stores this process's known-answer digest if none exists, and raises

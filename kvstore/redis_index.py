@@ -233,9 +233,9 @@ class RedisKVIndex:
             blob = fields[b"hashes"]
             size = len(blob) // max(1, int(fields[b"n"]))
             hashes = tuple(blob[i : i + size] for i in range(0, len(blob), size))
-            tier = fields[b"tier"].decode()
+            kind, worker, tier = (fields[k].decode() for k in (b"kind", b"worker", b"tier"))
             assert tier in TIERS, tier
-            out.append(IndexEvent(fields[b"kind"].decode(), fields[b"worker"].decode(), tier, hashes))  # type: ignore[arg-type]
+            out.append(IndexEvent(kind, worker, tier, hashes))  # type: ignore[arg-type]
         return out
 
     async def check_hash_agreement(self) -> None:

@@ -65,9 +65,11 @@ class DSACostModel:
         mla = (d * self.q_lora_rank + self.q_lora_rank * h * (self.qk_nope_head_dim + self.qk_rope_head_dim)
                + d * (self.kv_lora_rank + self.qk_rope_head_dim)
                + self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim) + h * self.v_head_dim * d)
-        indexer = self.q_lora_rank * self.index_n_heads * self.index_head_dim + d * (self.index_head_dim + self.index_n_heads)
+        indexer = (self.q_lora_rank * self.index_n_heads * self.index_head_dim
+                   + d * (self.index_head_dim + self.index_n_heads))
         dense = 3 * d * self.intermediate_size
-        moe = 3 * d * self.moe_intermediate_size * (self.num_experts_per_tok + self.n_shared_experts) + d * self.n_routed_experts
+        experts = self.num_experts_per_tok + self.n_shared_experts
+        moe = 3 * d * self.moe_intermediate_size * experts + d * self.n_routed_experts
         n_moe = self.num_hidden_layers - self.first_k_dense_replace
         return 2.0 * (self.num_hidden_layers * (mla + indexer) + self.first_k_dense_replace * dense + n_moe * moe)
 
@@ -97,7 +99,7 @@ class DSACostModel:
 class RoutingConfig:
     """Knobs of ``DSAServePolicy`` (defaults tuned on the Mooncake trace, see docs/benchmarks.md)."""
 
-    alpha: float = 2.0  # weight of this request's own prefill seconds; > β because a recompute also
+    alpha: float = 4.0  # weight of this request's own prefill seconds; > β because a recompute also
     #                     burns cluster capacity and duplicates the prefix in another cache
     beta: float = 1.0  # weight of the seconds of work already queued on the worker
     imbalance_ratio: float = 2.0  # guard when max queued > ratio × min queued ...
@@ -255,7 +257,8 @@ class DSAServePolicy:
         if hi > cfg.imbalance_ratio * lo and hi - lo > cfg.imbalance_floor_s:
             band = max(cfg.imbalance_ratio * lo, lo + cfg.imbalance_floor_s)
             eligible = [i for i in eligible if queued[i] <= band]
-            reason = "imbalance_guard"
+            if queued[min(range(len(scores)), key=scores.__getitem__)] > band:
+                reason = "imbalance_guard"  # the guard overruled the cheapest worker
         pick = eligible[softmax_pick([scores[i] for i in eligible], cfg.temperature_s, self.rng)]
         if reason == "cost" and cached[pick] > 0 and cached[pick] == max(cached):
             reason = "cache_hit"
@@ -270,7 +273,8 @@ class DSAServePolicy:
             return None
         dec, room = choose_decode(request, decode, self.rng, cfg.decode_headroom_blocks, cfg.decode_affinity_slack)
         remainder = request.prompt_tokens - request.cached_tokens(dec.matched_blocks)
-        if room and remainder <= cfg.local_prefill_max_tokens and dec.queued_prefill_tokens <= cfg.local_prefill_max_queue_tokens:
+        short_queue = dec.queued_prefill_tokens <= cfg.local_prefill_max_queue_tokens
+        if room and remainder <= cfg.local_prefill_max_tokens and short_queue:
             return dec
         return None
 
@@ -284,7 +288,9 @@ class RoundRobinPolicy:
         self.rng = rng or random.Random()
         self._next = 0
 
-    def route(self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]) -> RouteDecision:
+    def route(
+        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]
+    ) -> RouteDecision:
         dec, _ = choose_decode(request, decode, self.rng)
         if not prefill:
             return RouteDecision(None, dec.worker_id, 0, "no_prefill_workers")
@@ -301,7 +307,9 @@ class LeastLoadPolicy:
     def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
 
-    def route(self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]) -> RouteDecision:
+    def route(
+        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]
+    ) -> RouteDecision:
         dec, _ = choose_decode(request, decode, self.rng)
         if not prefill:
             return RouteDecision(None, dec.worker_id, 0, "no_prefill_workers")
@@ -322,7 +330,9 @@ class SGLangCacheAwarePolicy:
         self.rng = rng or random.Random()
         self.abs_threshold, self.rel_threshold, self.match_threshold = abs_threshold, rel_threshold, match_threshold
 
-    def route(self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]) -> RouteDecision:
+    def route(
+        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]
+    ) -> RouteDecision:
         dec, _ = choose_decode(request, decode, self.rng)
         if not prefill:
             return RouteDecision(None, dec.worker_id, 0, "no_prefill_workers")
@@ -348,11 +358,14 @@ class DynamoCostPolicy:
         self.rng = rng or random.Random()
         self.prefill_weight = prefill_weight
 
-    def route(self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]) -> RouteDecision:
+    def route(
+        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]
+    ) -> RouteDecision:
         dec, _ = choose_decode(request, decode, self.rng)
         if not prefill:
             return RouteDecision(None, dec.worker_id, 0, "no_prefill_workers")
-        costs = [self.prefill_weight * max(0, request.prompt_blocks - c.matched_blocks) + c.active_blocks for c in prefill]
+        costs = [self.prefill_weight * max(0, request.prompt_blocks - c.matched_blocks) + c.active_blocks
+                 for c in prefill]
         c = prefill[softmax_pick(costs, 0.0, self.rng)]
         return RouteDecision(c.worker_id, dec.worker_id, request.cached_tokens(c.matched_blocks), "cost")
 

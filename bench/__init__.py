@@ -1,0 +1,1 @@
+"""Benchmarks (plain scripts, not tests): ``python -m bench.<name> [--quick]``. Results: docs/benchmarks.md."""

