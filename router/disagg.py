@@ -68,7 +68,11 @@ async def generate_disaggregated(
         prefill.release(request.request_id)
         yield first
         return
-    yield first
+    try:
+        yield first
+    except BaseException:  # closed right after the first token: drop the lease now, not at expiry
+        prefill.release(request.request_id)
+        raise
 
     released = False
 

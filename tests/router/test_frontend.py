@@ -369,14 +369,8 @@ def test_closing_the_stream_early_frees_the_request(backend: LocalBackend, token
     assert tokens_run(backend) - ran_before < LONG // 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="router/disagg.py yields the prefill's first token outside the try/finally that releases the "
-    "prefill lease: a stream closed at that point keeps the lease (and its KV blocks) until lease_s expires",
-)
 def test_closing_right_after_the_first_token_frees_the_prefill_lease(tiny_dir: Path, tokenizer: Tokenizer) -> None:
-    # its own backend: the leaked lease would hold blocks for lease_s (30 s) and stall the other tests
+    # its own backend: a leaked lease would hold blocks for lease_s (30 s) and stall the other tests
     config = EngineConfig(max_model_len=MAX_MODEL_LEN, num_blocks=NUM_BLOCKS)
     with LocalBackend.start(tiny_dir, engine_config=config, disaggregate=True) as be:
         frontend = Frontend(be, tokenizer)

@@ -38,7 +38,7 @@ def wait_idle(server: ServerThread, timeout: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         stats = server.backend.stats()
-        idle = stats["in_flight"] == 0 and all(w["free_blocks"] == w["total_blocks"] for w in stats["workers"])
+        idle = stats["router"]["in_flight"] == 0 and all(w["free_blocks"] == w["total_blocks"] for w in stats["workers"])
         if idle or time.monotonic() > deadline:
             assert idle, stats
             return stats
