@@ -8,6 +8,7 @@ router. ``run(config)`` starts a local Ray when no address is given.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -22,13 +23,17 @@ from cluster.config import ClusterConfig
 from cluster.servers import STATS_BOARD, DecodeServer, PrefillServer, ensure_stats_board
 from kvstore.transfer import TransferError
 from router.backend import AdmissionError, BackendUnavailable, ModelInfo
-from router.disagg import generate_disaggregated
+from router.disagg import continue_request, generate_disaggregated
 from router.frontend import Frontend
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
 from router.server import DsaServeServicer
 from router.tokenizer import Tokenizer
 from workers.engine.types import GenerateRequest, KVHandle, RequestOutput
 from workers.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3
+RETRY_BACKOFF_S = 0.5
 
 GRPC_SERVICERS = [
     "router.proto.dsaserve.v1.dsaserve_pb2_grpc.add_DsaServeServicer_to_server",
@@ -104,17 +109,30 @@ class RayBackend:
             raise AdmissionError(f"admission queue full ({self._info.max_queue} requests in flight)")
         self.in_flight += 1
         self.requests_total += 1
+        sent: list[int] = []
+        ttft: float | None = None
         try:
-            stream = generate_disaggregated(req, self._prefill, self._decode, eos_token_id=self._info.eos_token_id,
-                                            max_model_len=self._info.max_context)
-            async with aclosing(stream) as outs:
-                async for out in outs:
-                    if out.finish_reason == "error":
-                        self.errors_total += 1
-                    yield out
-        except ray.exceptions.RayError as e:
+            for attempt in range(MAX_ATTEMPTS):
+                if not sent:
+                    stream = generate_disaggregated(req, self._prefill, self._decode, eos_token_id=self._info.eos_token_id,
+                                                    max_model_len=self._info.max_context)
+                else:  # a replica died mid-stream: go on from what the client already has
+                    stream = continue_request(req, tuple(sent), self._decode, ttft=ttft)
+                try:
+                    async with aclosing(stream) as outs:
+                        async for out in outs:
+                            sent.extend(out.new_token_ids)
+                            ttft = out.ttft_s if ttft is None else ttft
+                            if out.finish_reason == "error":
+                                self.errors_total += 1
+                            yield out
+                    return
+                except ray.exceptions.RayError as e:
+                    log.warning("request %s: worker failed (%s); attempt %d of %d", req.request_id,
+                                type(e).__name__, attempt + 1, MAX_ATTEMPTS)
+                    await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))  # let Serve route around the dead replica
             self.errors_total += 1
-            raise BackendUnavailable(f"worker failed: {type(e).__name__}") from e
+            raise BackendUnavailable(f"workers failed {MAX_ATTEMPTS} times for request {req.request_id}")
         finally:
             self.in_flight -= 1
 

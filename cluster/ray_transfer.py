@@ -60,7 +60,7 @@ class RayTransfer:
             if ep.get("backend") != "ray":
                 raise TransferError(f"handle from a {ep.get('backend')!r} holder given to the ray backend")
             data = ray.get(ep["ref"], timeout=self.timeout_s)
-            dst.write_blocks(dst_blocks, torch.from_numpy(data))
+            dst.write_blocks(dst_blocks, torch.from_numpy(data.copy()))  # object-store arrays are read-only
         except TransferError:
             self._count(failed=True)
             raise

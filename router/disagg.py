@@ -99,13 +99,29 @@ async def generate_disaggregated(
 
 async def _recompute(request: GenerateRequest, handle: KVHandle, decode: DecodeWorker, ttft: float) -> AsyncIterator[RequestOutput]:
     """Run prompt + first token as a fresh request on the decode worker; report usage as the original."""
+    async for out in continue_request(request, (handle.first_token,), decode, cached_tokens=handle.cached_tokens, ttft=ttft):
+        yield out
+
+
+async def continue_request(
+    request: GenerateRequest,
+    sent: tuple[int, ...],
+    worker: DecodeWorker,
+    *,
+    cached_tokens: int = 0,
+    ttft: float | None = None,
+) -> AsyncIterator[RequestOutput]:
+    """Continue ``request`` after the tokens already ``sent`` to the client, recomputing its KV on
+    ``worker``: the stream goes on where it stopped and never repeats a token. Usage is reported as
+    for the original request. A seeded sampler restarts its random stream (greedy output is exact).
+    """
     prompt_len = len(request.prompt_token_ids)
-    retry = dataclasses.replace(
+    rest = dataclasses.replace(
         request,
-        prompt_token_ids=tuple(request.prompt_token_ids) + (handle.first_token,),
-        params=dataclasses.replace(request.params, max_tokens=request.params.max_tokens - 1),
+        prompt_token_ids=tuple(request.prompt_token_ids) + tuple(sent),
+        params=dataclasses.replace(request.params, max_tokens=request.params.max_tokens - len(sent)),
     )
-    async with aclosing(decode.generate(retry)) as outs:
+    async with aclosing(worker.generate(rest)) as outs:
         async for out in outs:
-            usage = Usage(prompt_len, handle.cached_tokens, out.usage.completion_tokens + 1)
-            yield dataclasses.replace(out, usage=usage, ttft_s=ttft)
+            usage = Usage(prompt_len, cached_tokens, out.usage.completion_tokens + len(sent))
+            yield dataclasses.replace(out, usage=usage, ttft_s=ttft if ttft is not None else out.ttft_s)

@@ -39,10 +39,11 @@ def _fill(storage: PagedKVStorage, seed: int) -> None:
     storage.buffer.copy_(torch.randint(0, 256, storage.buffer.shape, dtype=torch.uint8, generator=g))
 
 
-def _holder_main(conn, layout_kw: dict, num_blocks: int, seed: int, name: str) -> None:
+def _holder_main(conn, layout_kw: dict, num_blocks: int, seed: int | None, name: str) -> None:
     """Child: a filled storage behind a NixlHolder; answers "notifs" with read_done() until "stop"."""
     storage = PagedKVStorage(BlockLayout(**layout_kw), num_blocks)
-    _fill(storage, seed)
+    if seed is not None:
+        _fill(storage, seed)
     holder = NixlHolder(name, storage)
     conn.send(holder.endpoint())
     while True:
@@ -59,7 +60,7 @@ def _holder_main(conn, layout_kw: dict, num_blocks: int, seed: int, name: str) -
 class Holder:
     """A holder process and its endpoint."""
 
-    def __init__(self, layout_kw: dict = LAYOUT, num_blocks: int = 16, seed: int = 0, *, expected: bool = True) -> None:
+    def __init__(self, layout_kw: dict = LAYOUT, num_blocks: int = 16, seed: int | None = 0, *, expected: bool = True) -> None:
         self.conn, child = CTX.Pipe()
         self.name = f"holder-{uuid.uuid4().hex[:8]}"
         self.proc = CTX.Process(target=_holder_main, args=(child, layout_kw, num_blocks, seed, self.name), daemon=True)
@@ -171,7 +172,7 @@ def test_timeout_cancels_and_the_next_read_reconnects(holder):
 def test_killed_holder_raises_within_the_timeout(when):
     # 48 blocks of ~6 MiB (~290 MiB): long enough (tens of ms at several GB/s) to be killed mid-READ.
     big = dict(LAYOUT, num_layers=12, latent_dim=2048)
-    h = Holder(big, num_blocks=48, seed=1, expected=False)
+    h = Holder(big, num_blocks=48, seed=None, expected=False)  # zeros: no time spent filling
     r = NixlTransfer(f"reader-{uuid.uuid4().hex[:8]}", timeout_s=3.0)
     dst = PagedKVStorage(BlockLayout(**big), 48)
     try:
