@@ -285,3 +285,13 @@ def wait_ready(handle: DeploymentHandle, config: ClusterConfig, timeout_s: float
         if len(stats["workers"]) >= expected or time.monotonic() > deadline:
             return stats
         time.sleep(0.5)
+
+
+def app_builder(args: dict):
+    """Serve application builder for config-file deployments (KubeRay's ``serveConfigV2``):
+    ``import_path: cluster.app:app_builder`` with ``args`` = the cluster config mapping (as in the
+    YAML of ``dsaserve serve``). The gRPC proxy options go in the Serve config's ``grpc_options``
+    (``grpc_servicer_functions`` = ``cluster.app.GRPC_SERVICERS``)."""
+    config = ClusterConfig.model_validate(args)
+    ensure_stats_board()
+    return build_app(config, resolve_model(config.model))
