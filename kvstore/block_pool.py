@@ -20,7 +20,12 @@ BlockEvent = Literal["stored", "removed"]
 class BlockPool:
     """Reference-counted blocks ``0 .. num_blocks-1``."""
 
-    def __init__(self, num_blocks: int, on_event: Callable[[BlockEvent, BlockHash], None] | None = None) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        on_event: Callable[[BlockEvent, BlockHash], None] | None = None,
+        on_evict: Callable[[int, BlockHash], None] | None = None,
+    ) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be ≥ 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -29,6 +34,7 @@ class BlockPool:
         self.hash_to_block: dict[BlockHash, int] = {}
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._on_event = on_event
+        self._on_evict = on_evict  # called before a cached block's content is overwritten
 
     @property
     def num_free(self) -> int:
@@ -62,6 +68,9 @@ class BlockPool:
         out = []
         for _ in range(n):
             b, _ = self._free.popitem(last=False)
+            h = self.block_hash[b]
+            if h is not None and self._on_evict is not None and self.hash_to_block.get(h) == b:
+                self._on_evict(b, h)
             self._forget(b)
             self.ref_count[b] = 1
             out.append(b)

@@ -162,3 +162,20 @@ def test_a_caller_that_vanishes_does_not_stop_the_engine(tiny_ckpt):
         while be.decode_engine.pool.num_free != 32 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert be.decode_engine.pool.num_free == 32 and not be.decode_engine.scheduler.running
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_evicted_prefix_comes_back_from_the_context_cache(tiny_ckpt, tmp_path, tier):
+    """A prompt evicted from the device pool by other traffic is served from the host or disk tier:
+    cached tokens are reported and the output is unchanged."""
+    cfg = EngineConfig(num_blocks=8, host_cache_blocks=16 if tier == "host" else 0,
+                       disk_cache_dir=str(tmp_path) if tier == "disk" else None, disk_cache_blocks=16)
+    a = prompt(200, seed=31)
+    with LocalBackend.start(tiny_ckpt, engine_config=cfg, disaggregate=False) as be:
+        first, out1 = asyncio.run(_run(be, _greedy("a1", a, 5)))
+        for i in range(3):  # other prompts take every block of the 8-block pool
+            asyncio.run(_run(be, _greedy(f"o{i}", prompt(300, seed=40 + i), 2)))
+        again, out2 = asyncio.run(_run(be, _greedy("a2", a, 5)))
+        cache = be.decode_engine.context_cache
+    assert out1.usage.cached_tokens == 0 and again == first
+    assert out2.usage.cached_tokens == 192 and cache.hits[tier] >= 3

@@ -25,6 +25,9 @@ class EngineConfig:
     max_queue: int = 1024
     lease_s: float = 30.0
     indexer_mode: Literal["exact", "fp8"] | None = None  # None: exact in float32, fp8 otherwise
+    host_cache_blocks: int = 0  # context cache: evicted blocks kept in host memory (0: off)
+    disk_cache_dir: str | None = None  # context cache on disk (None: off)
+    disk_cache_blocks: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):

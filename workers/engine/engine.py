@@ -24,6 +24,7 @@ import torch
 from kvstore.block_pool import BlockEvent, BlockPool
 from kvstore.hashing import HASH_VERSION, BlockHash, first_block_extra, self_test
 from kvstore.paged import BlockLayout, PagedKVStorage
+from kvstore.tiers import ContextCache, TierEvent
 from kvstore.transfer import KVHolder, KVTransfer, TransferError
 from workers.model.model import DeepseekV32
 
@@ -61,6 +62,7 @@ class Engine:
         transfer: KVTransfer | None = None,
         holder_factory: Callable[[PagedKVStorage], KVHolder] | None = None,
         on_block_event: Callable[[BlockEvent, BlockHash], None] | None = None,
+        on_tier_event: TierEvent | None = None,
     ) -> None:
         self_test()
         mc = model.config
@@ -76,8 +78,15 @@ class Engine:
             index_dtype=torch.float8_e4m3fn if mode == "fp8" else torch.float32,
         )
         self.storage = PagedKVStorage(self.layout, config.num_blocks, device=model.embed.weight.device)
-        self.pool = BlockPool(config.num_blocks, on_event=on_block_event)
-        self.scheduler = Scheduler(config, self.pool)
+        self.context_cache = None
+        if config.host_cache_blocks > 0 or (config.disk_cache_dir and config.disk_cache_blocks > 0):
+            self.context_cache = ContextCache(
+                self.layout.bytes_per_block, config.host_cache_blocks, config.disk_cache_dir,
+                config.disk_cache_blocks, on_event=on_tier_event,
+            )
+        self.pool = BlockPool(config.num_blocks, on_event=on_block_event,
+                              on_evict=self._demote if self.context_cache else None)
+        self.scheduler = Scheduler(config, self.pool, restore=self._restore if self.context_cache else None)
         self.runner = ModelRunner(model, self.storage)
         # The holder side of the KV transfer backend (prefill role): publishes where blocks live.
         self.holder = holder_factory(self.storage) if holder_factory else None
@@ -171,6 +180,24 @@ class Engine:
             tokens, logprobs = sample(torch.stack([l for _, l in sampled]), [s.request.params for s in seqs], [s.generator for s in seqs])
             for seq, token, lp in zip(seqs, tokens, logprobs):
                 self._append(seq, token, lp)
+
+    def _demote(self, block: int, block_hash: BlockHash) -> None:
+        self.context_cache.demote(block_hash, self.storage.read_blocks([block])[0])
+
+    def _restore(self, hashes: list[BlockHash]) -> list[int]:
+        """Load the leading ``hashes`` found in the context cache into fresh, committed blocks."""
+        out: list[int] = []
+        for h in hashes:
+            if not self.pool.can_allocate(1):
+                break
+            data = self.context_cache.fetch(h)
+            if data is None:
+                break
+            block = self.pool.allocate(1)[0]
+            self.storage.write_blocks([block], data[None])
+            self.pool.commit(block, h)
+            out.append(block)
+        return out
 
     def _commit_blocks(self, seq: Sequence) -> None:
         bs = self.config.block_size

@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from collections.abc import Callable
+
 from kvstore.block_pool import BlockPool
+from kvstore.hashing import BlockHash
 
 from .config import EngineConfig
 from .sequence import Sequence, SeqStatus
@@ -37,9 +40,12 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting queue and the running set; block accounting through ``BlockPool``."""
 
-    def __init__(self, config: EngineConfig, pool: BlockPool) -> None:
+    def __init__(self, config: EngineConfig, pool: BlockPool, restore: Callable[[list[BlockHash]], list[int]] | None = None) -> None:
         self.config = config
         self.pool = pool
+        # Loads the next blocks of a prefix from the context cache (host/disk tiers) into fresh
+        # blocks, committed and referenced; returns them (a prefix of the hashes given).
+        self.restore = restore
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -129,6 +135,8 @@ class Scheduler:
         hashes = seq.full_block_hashes(bs, len(seq.token_ids) - 1)
         hit = self.pool.lookup(hashes)
         self.pool.acquire(hit)
+        if self.restore is not None and len(hit) < len(hashes):
+            hit = hit + self.restore(hashes[len(hit) :])
         seq.block_table = list(hit)
         seq.num_computed_tokens = len(hit) * bs
         seq.committed_blocks = len(hit)
