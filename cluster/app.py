@@ -16,15 +16,18 @@ from pathlib import Path
 
 import ray
 from ray import serve
-from ray.serve.config import gRPCOptions
+from ray.serve.config import RequestRouterConfig, gRPCOptions
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ClusterConfig
 from cluster.servers import STATS_BOARD, DecodeServer, PrefillServer, ensure_stats_board
+from kvstore.redis_index import RedisKVIndex
 from kvstore.transfer import TransferError
 from router.backend import AdmissionError, BackendUnavailable, ModelInfo
 from router.disagg import continue_request, generate_disaggregated
 from router.frontend import Frontend
+from router.policy import DSACostModel, RoutingConfig, make_policy
+from router.routing import CacheAwareRouting
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
 from router.server import DsaServeServicer
 from router.tokenizer import Tokenizer
@@ -33,6 +36,7 @@ from workers.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
+STATS_REFRESH_S = 0.25
 RETRY_BACKOFF_S = 0.5
 
 GRPC_SERVICERS = [
@@ -42,27 +46,30 @@ GRPC_SERVICERS = [
 
 
 class _PrefillClient:
-    """``router.disagg.PrefillWorker`` over a Serve handle. Leases end by the transfer backend's
-    notification (NIXL) or at hand-off (ray); ``release`` is a best-effort early drop."""
+    """``router.disagg.PrefillWorker`` over a Serve handle, pinned to the chosen replica (leases end
+    by ``release``, by the transfer backend's notification, or at expiry)."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
-        self.handle = handle
+    def __init__(self, handle: DeploymentHandle, route_to: str | None) -> None:
+        self.handle, self.route_to = handle, route_to
 
     async def prefill(self, request: GenerateRequest) -> KVHandle:
-        return await self.handle.prefill.remote(request)
+        handle = await self.handle.prefill.remote(request, route_to=self.route_to)
+        self.route_to = handle.worker_id  # release goes to the replica that holds the blocks
+        return handle
 
     def release(self, request_id: str) -> None:
-        pass  # the replica that holds it cannot be addressed through a Serve handle
+        self.handle.release.remote(request_id, route_to=self.route_to)  # fire and forget
 
 
 class _DecodeClient:
     """``router.disagg.DecodeWorker`` over a streaming Serve handle."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle, route_to: str | None = None) -> None:
         self.handle = handle.options(stream=True)
+        self.route_to = route_to
 
     async def decode(self, request: GenerateRequest, handle: KVHandle, on_read) -> AsyncIterator[RequestOutput]:
-        stream = self.handle.decode.remote(request, handle)
+        stream = self.handle.decode.remote(request, handle, route_to=self.route_to)
         try:
             first = await stream.__anext__()
             error = first.get("read") if isinstance(first, dict) else "decode stream did not start with a read result"
@@ -75,7 +82,7 @@ class _DecodeClient:
             stream.cancel()  # a no-op once finished; aborts the replica's request otherwise
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        stream = self.handle.generate.remote(request)
+        stream = self.handle.generate.remote(request, route_to=self.route_to)
         try:
             async for out in stream:
                 yield out
@@ -84,14 +91,19 @@ class _DecodeClient:
 
 
 class RayBackend:
-    """``router.backend.Backend`` over the prefill and decode deployments."""
+    """``router.backend.Backend`` over the prefill and decode deployments, routed cache-aware."""
 
-    def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, info: ModelInfo) -> None:
-        self._prefill, self._decode = _PrefillClient(prefill), _DecodeClient(decode)
+    def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, info: ModelInfo,
+                 routing: CacheAwareRouting) -> None:
+        self._prefill, self._decode = prefill, decode
         self._info = info
+        self.routing = routing
         self.in_flight = 0
         self.requests_total = 0
         self.errors_total = 0
+        self.routes: dict[str, int] = {}  # decisions by reason
+        self._workers: list[dict] = []
+        self._workers_at = 0.0
 
     def info(self) -> ModelInfo:
         return self._info
@@ -101,8 +113,43 @@ class RayBackend:
             workers = ray.get(ray.get_actor(STATS_BOARD).all.remote(), timeout=5)
         except Exception:  # the board is gone: report the router alone
             workers = []
-        router = {"requests_total": self.requests_total, "in_flight": self.in_flight, "errors_total": self.errors_total}
+        router = {"requests_total": self.requests_total, "in_flight": self.in_flight, "errors_total": self.errors_total,
+                  "routes": dict(self.routes), "index_errors": self.routing.index_errors}
         return {"mode": "cluster", "router": router, "workers": workers}
+
+    async def _worker_stats(self) -> list[dict]:
+        if time.monotonic() - self._workers_at > STATS_REFRESH_S:
+            try:
+                self._workers = await ray.get_actor(STATS_BOARD).all.remote()
+            except Exception:
+                pass  # keep the last known stats
+            self._workers_at = time.monotonic()
+        return self._workers
+
+    async def _route(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        decision = await self.routing.decide(req, await self._worker_stats())
+        self.routes[decision.reason] = self.routes.get(decision.reason, 0) + 1
+        decode = _DecodeClient(self._decode, decision.decode_worker)
+        if decision.prefill_worker is None:  # conditional disaggregation: prefill on the decode worker
+            async with aclosing(decode.generate(req)) as outs:
+                async for out in outs:
+                    yield out
+            return
+        uncached = len(req.prompt_token_ids) - decision.expected_cached_tokens
+        self.routing.assign(decision.prefill_worker, uncached)
+        assigned = True
+        stream = generate_disaggregated(req, _PrefillClient(self._prefill, decision.prefill_worker), decode,
+                                        eos_token_id=self._info.eos_token_id, max_model_len=self._info.max_context)
+        try:
+            async with aclosing(stream) as outs:
+                async for out in outs:
+                    if assigned:  # the first output means the prefill is done
+                        self.routing.done(decision.prefill_worker, uncached)
+                        assigned = False
+                    yield out
+        finally:
+            if assigned:
+                self.routing.done(decision.prefill_worker, uncached)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         if self.in_flight >= self._info.max_queue:
@@ -114,10 +161,9 @@ class RayBackend:
         try:
             for attempt in range(MAX_ATTEMPTS):
                 if not sent:
-                    stream = generate_disaggregated(req, self._prefill, self._decode, eos_token_id=self._info.eos_token_id,
-                                                    max_model_len=self._info.max_context)
+                    stream = self._route(req)
                 else:  # a replica died mid-stream: go on from what the client already has
-                    stream = continue_request(req, tuple(sent), self._decode, ttft=ttft)
+                    stream = continue_request(req, tuple(sent), _DecodeClient(self._decode), ttft=ttft)
                 try:
                     async with aclosing(stream) as outs:
                         async for out in outs:
@@ -130,7 +176,8 @@ class RayBackend:
                 except ray.exceptions.RayError as e:
                     log.warning("request %s: worker failed (%s); attempt %d of %d", req.request_id,
                                 type(e).__name__, attempt + 1, MAX_ATTEMPTS)
-                    await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))  # let Serve route around the dead replica
+                    self._workers_at = 0.0  # refresh stats: the dead worker drops out
+                    await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))  # let Serve route around it
             self.errors_total += 1
             raise BackendUnavailable(f"workers failed {MAX_ATTEMPTS} times for request {req.request_id}")
         finally:
@@ -176,7 +223,16 @@ class RouterServer:
             eos_token_id=mc.eos_token_id, bos_token_id=mc.bos_token_id, index_topk=mc.index_topk,
             has_tokenizer=tokenizer is not None,
         )
-        self.backend = RayBackend(prefill, decode, info)
+        index = None
+        if cfg.redis_url:
+            opts = cfg.redis.model_dump(exclude={"worker_ttl_s"}, exclude_none=True)
+            index = RedisKVIndex(cfg.redis_url, info.model_id, cfg.block_size, **opts)
+        r = cfg.routing
+        policy_config = RoutingConfig(alpha=r.alpha, beta=r.beta, local_prefill_max_tokens=r.local_prefill_max_tokens,
+                                      temperature_s=r.temperature_s, cost=DSACostModel.from_model_config(mc))
+        routing = CacheAwareRouting(make_policy(r.policy, policy_config), index, model_id=info.model_id,
+                                    block_size=cfg.block_size)
+        self.backend = RayBackend(prefill, decode, info, routing)
         self.servicer = DsaServeServicer(Frontend(self.backend, tokenizer))
 
     async def _stream(self, call, grpc_context) -> AsyncIterator:
@@ -240,12 +296,17 @@ def build_app(config: ClusterConfig, model_dir: Path):
     """Bind the deployments: prefill and decode first, their handles into the router."""
     common = dict(block_size=config.block_size, max_model_len=config.max_model_len, max_queue=config.router.max_queue,
                   lease_s=config.lease_s)
+    index = None
+    if config.redis_url:
+        index = {"url": config.redis_url, "ttl_s": config.redis.worker_ttl_s,
+                 "options": config.redis.model_dump(exclude={"worker_ttl_s"}, exclude_none=True)}
+    router_config = RequestRouterConfig(request_router_class="cluster.request_router.WorkerIdRequestRouter")
 
     def group(cls, name, g):
         return serve.deployment(cls, name=name).options(
             num_replicas=g.replicas, ray_actor_options={"num_cpus": g.num_cpus, "num_gpus": g.num_gpus},
-            max_ongoing_requests=max(8, g.max_num_seqs * 2),
-        ).bind(str(model_dir), g.engine(**common), config.transfer, g.torch_threads, config.transfer_timeout_s)
+            max_ongoing_requests=max(8, g.max_num_seqs * 2), request_router_config=router_config,
+        ).bind(str(model_dir), g.engine(**common), config.transfer, g.torch_threads, config.transfer_timeout_s, index)
 
     prefill = group(PrefillServer, "prefill", config.prefill)
     decode = group(DecodeServer, "decode", config.decode)

@@ -29,12 +29,20 @@ class WorkerGroupConfig(_Strict):
     num_cpus: float = Field(0.25, gt=0, description="CPUs Ray reserves per replica")
     num_gpus: float = Field(0, ge=0, description="GPUs Ray reserves per replica (0 on CPU-only nodes)")
     torch_threads: int = Field(1, ge=1, description="intra-op threads of the replica's torch")
+    host_cache_blocks: int = Field(0, ge=0, description="context cache: evicted KV blocks kept in host memory per replica")
+    disk_cache_dir: str | None = Field(None, description="context cache on disk (a per-replica subfolder is used); none: off")
+    disk_cache_blocks: int = Field(0, ge=0, description="most KV blocks kept on disk per replica")
 
-    def engine(self, *, block_size: int, max_model_len: int | None, max_queue: int, lease_s: float) -> EngineConfig:
+    def engine(self, *, block_size: int, max_model_len: int | None, max_queue: int, lease_s: float,
+               disk_subdir: str | None = None) -> EngineConfig:
+        disk = self.disk_cache_dir
+        if disk and disk_subdir:
+            disk = str(Path(disk) / disk_subdir)
         return EngineConfig(
             num_blocks=self.num_blocks, block_size=block_size, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=max_model_len,
-            max_queue=max_queue, lease_s=lease_s,
+            max_queue=max_queue, lease_s=lease_s, host_cache_blocks=self.host_cache_blocks,
+            disk_cache_dir=disk, disk_cache_blocks=self.disk_cache_blocks,
         )
 
 
@@ -48,6 +56,28 @@ class RouterConfig(_Strict):
     replicas: int = Field(1, ge=1, description="router replicas")
 
 
+class RedisConfig(_Strict):
+    """Connection options of the KV index's Redis (the URL is ``redis_url``)."""
+
+    password: str | None = Field(None, description="AUTH password (or put it in the URL)")
+    username: str | None = Field(None, description="ACL user name")
+    ssl_ca_certs: str | None = Field(None, description="CA bundle for TLS (rediss:// URLs)")
+    ssl_certfile: str | None = Field(None, description="client certificate for mutual TLS")
+    ssl_keyfile: str | None = Field(None, description="client key for mutual TLS")
+    worker_ttl_s: float = Field(10.0, gt=0, description="a worker that stops heartbeating leaves the index after this")
+
+
+class RoutingSettings(_Strict):
+    """The cache-aware routing policy (router/policy.py RoutingConfig)."""
+
+    policy: Literal["dsaserve", "round_robin", "least_load", "sglang_cache_aware", "dynamo_cost"] = Field(
+        "dsaserve", description="routing policy")
+    alpha: float = Field(4.0, ge=0, description="weight of the request's own (uncached) prefill cost")
+    beta: float = Field(1.0, ge=0, description="weight of the work already queued on a worker")
+    local_prefill_max_tokens: int = Field(1024, ge=0, description="conditional disaggregation: prefill on the decode worker when at most this many tokens are uncached (0: always disaggregate)")
+    temperature_s: float = Field(0.05, ge=0, description="softmax temperature for tie breaking (0: argmin)")
+
+
 class ClusterConfig(_Strict):
     """The whole cluster: model, worker groups, KV transfer backend, router."""
 
@@ -55,7 +85,9 @@ class ClusterConfig(_Strict):
     prefill: WorkerGroupConfig = Field(default_factory=WorkerGroupConfig, description="prefill workers")
     decode: WorkerGroupConfig = Field(default_factory=WorkerGroupConfig, description="decode workers")
     transfer: Literal["nixl", "ray", "local"] = Field("nixl", description="how KV blocks move from prefill to decode")
-    redis_url: str | None = Field(None, description="Redis for the KV index (none: in-memory, per router)")
+    redis_url: str | None = Field(None, description="Redis for the KV index (none: routing by load only)")
+    redis: RedisConfig = Field(default_factory=RedisConfig, description="Redis connection options")
+    routing: RoutingSettings = Field(default_factory=RoutingSettings, description="cache-aware routing")
     router: RouterConfig = Field(default_factory=RouterConfig, description="the gRPC router")
     block_size: int = Field(64, ge=1, description="tokens per KV block")
     max_model_len: int | None = Field(None, ge=2, description="cap on prompt + output tokens (none: the model's)")

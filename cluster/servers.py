@@ -6,6 +6,7 @@ Each replica owns one Engine on its own EngineLoop thread. Replicas publish thei
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -17,6 +18,8 @@ import ray
 import torch
 from ray import serve
 
+from kvstore.publisher import IndexPublisher
+from kvstore.redis_index import RedisKVIndex
 from kvstore.transfer import TransferError
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
@@ -60,12 +63,25 @@ class _EngineServer:
     role = "both"
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, transfer: str, torch_threads: int = 1,
-                 transfer_timeout_s: float = 30.0) -> None:
+                 transfer_timeout_s: float = 30.0, index: dict | None = None) -> None:
         torch.set_num_threads(torch_threads)
         self.worker_id = _replica_id(self.role)
+        if engine_config.disk_cache_dir:  # one disk folder per replica
+            engine_config = dataclasses.replace(engine_config, disk_cache_dir=str(Path(engine_config.disk_cache_dir) / self.worker_id))
+        model_id = Path(model_dir).name
+        self.publisher = None
+        events = {}
+        if index and index.get("url"):
+            self.publisher = IndexPublisher(
+                lambda: RedisKVIndex(index["url"], model_id, engine_config.block_size, **index.get("options", {})),
+                self.worker_id, self.role, lambda: self.engine.block_snapshot(), ttl_s=index.get("ttl_s", 10.0),
+            )
+            events = {"on_block_event": self.publisher.on_block_event, "on_tier_event": self.publisher.on_tier_event}
         model = load_model(model_dir)
-        self.engine = Engine(model, engine_config, role=self.role, worker_id=self.worker_id,
-                             model_id=Path(model_dir).name, **self._transfer_args(transfer, transfer_timeout_s))
+        self.engine = Engine(model, engine_config, role=self.role, worker_id=self.worker_id, model_id=model_id,
+                             **events, **self._transfer_args(transfer, transfer_timeout_s))
+        if self.publisher is not None:
+            self.publisher.start()
         self.loop = EngineLoop([self.engine], name=self.worker_id).start()
         self.worker = EngineWorker(self.engine)
         self._board = ray.get_actor(STATS_BOARD)
@@ -76,7 +92,8 @@ class _EngineServer:
         return {}
 
     def stats(self) -> dict:
-        return {**self.engine.status(), "healthy": self.loop.error is None}
+        indexed = None if self.publisher is None else self.publisher.healthy
+        return {**self.engine.status(), "healthy": self.loop.error is None, "indexed": indexed}
 
     def _publish(self) -> None:
         while not self._stop.wait(STATS_PERIOD_S):
@@ -93,6 +110,8 @@ class _EngineServer:
     def __del__(self) -> None:
         self._stop.set()
         self.loop.stop(timeout=1.0)
+        if self.publisher is not None:
+            self.publisher.stop()
 
 
 class PrefillServer(_EngineServer):
@@ -111,10 +130,10 @@ class PrefillServer(_EngineServer):
             return {"holder_factory": RayHolder}
         raise ValueError(f"transfer {transfer!r} cannot cross processes; use nixl or ray")
 
-    async def prefill(self, request: GenerateRequest) -> KVHandle:
+    async def prefill(self, request: GenerateRequest, route_to: str | None = None) -> KVHandle:
         return await self.worker.prefill(request)
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: str, route_to: str | None = None) -> None:
         self.worker.release(request_id)
 
 
@@ -136,7 +155,7 @@ class DecodeServer(_EngineServer):
             raise ValueError(f"transfer {transfer!r} cannot cross processes; use nixl or ray")
         return {"transfer": self.transfer}
 
-    async def decode(self, request: GenerateRequest, handle: KVHandle) -> AsyncIterator[dict | RequestOutput]:
+    async def decode(self, request: GenerateRequest, handle: KVHandle, route_to: str | None = None) -> AsyncIterator[dict | RequestOutput]:
         """Stream: first ``{"read": None}`` or ``{"read": "error text"}``, then the outputs.
 
         (Exceptions crossing a Serve stream arrive wrapped; a typed first item is unambiguous.)
@@ -152,7 +171,7 @@ class DecodeServer(_EngineServer):
             async for out in stream:
                 yield out
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: GenerateRequest, route_to: str | None = None) -> AsyncIterator[RequestOutput]:
         async with aclosing(self.worker.generate(request)) as stream:
             async for out in stream:
                 yield out

@@ -51,17 +51,22 @@ class RunningCluster:
         return self.proc.returncode
 
 
-def start_cluster(tmp: Path, model: Path, transfer: str, *, decode_replicas: int = 2) -> RunningCluster:
+def start_cluster(tmp: Path, model: Path, transfer: str, *, decode_replicas: int = 2, prefill_replicas: int = 1,
+                  **extra) -> RunningCluster:
     grpc_port = free_port()
     config = {
         "model": str(model),
-        "prefill": {"replicas": 1, "num_blocks": 64, "num_cpus": 0.1},
+        "prefill": {"replicas": prefill_replicas, "num_blocks": 64, "num_cpus": 0.1},
         "decode": {"replicas": decode_replicas, "num_blocks": 64, "num_cpus": 0.1},
         "transfer": transfer,
         "router": {"grpc_port": grpc_port, "http_port": free_port()},
         "lease_s": 20,
         "transfer_timeout_s": 5,
+        "routing": {"local_prefill_max_tokens": 0},  # always disaggregate: these tests measure transfers
+        **extra,
     }
+    if extra.get("prefill"):
+        config["prefill"] = {**config["prefill"], **extra["prefill"]}
     cfg_path = tmp / f"cluster-{transfer}.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     log = tmp / f"serve-{transfer}.log"

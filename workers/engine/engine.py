@@ -141,9 +141,26 @@ class Engine:
         return {
             "id": s.worker_id, "role": s.role, "requests_total": s.requests_total, "running": s.running,
             "waiting": s.waiting, "free_blocks": s.free_blocks, "total_blocks": s.total_blocks,
-            "tokens_per_s": round(s.tokens_per_s, 2),
+            "tokens_per_s": round(s.tokens_per_s, 2), "queued_tokens": self.queued_prefill_tokens(),
             "kv_transfer": {"backend": default_backend, "bytes": 0, "transfers": 0, "failures": 0, **kv},
         }
+
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens still to prefill (waiting and running); read racily from other threads."""
+        seqs = list(self.scheduler.waiting) + list(self.scheduler.running)
+        return sum(s.num_pending for s in seqs if s.num_pending > 1)
+
+    def block_snapshot(self) -> dict[str, list[BlockHash]]:
+        """Every block hash this engine can serve, per tier (for re-registering with an index)."""
+        for _ in range(10):  # the engine thread may change the maps while we copy: retry
+            try:
+                out = {"device": list(self.pool.hash_to_block)}
+                if self.context_cache is not None:
+                    out.update(self.context_cache.hashes())
+                return out
+            except RuntimeError:
+                continue
+        return {"device": []}
 
     # ------------------------------------------------------------------ engine thread
     def has_work(self) -> bool:

@@ -1,0 +1,74 @@
+"""CacheAwareRouting: from a request to a ``RouteDecision``, using the KV index and worker stats.
+
+Per request: the prompt's chained block hashes (the same function the workers use), one
+longest-prefix lookup in the index, candidates built from the latest worker stats plus the work
+this router assigned since those stats were taken, then the policy. When the index is unreachable
+the request is routed by load alone and keeps flowing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+
+from kvstore.hashing import block_hashes
+from kvstore.index import IndexUnavailable, KVIndex
+from router.policy import DecodeCandidate, PrefillCandidate, RouteDecision, RouteRequest, RoutingPolicy
+from workers.engine.types import GenerateRequest
+
+log = logging.getLogger(__name__)
+
+
+class CacheAwareRouting:
+    """Decides where a request runs. ``workers`` are status dicts (``Engine.status()`` shape)."""
+
+    def __init__(self, policy: RoutingPolicy, index: KVIndex | None, *, model_id: str, block_size: int) -> None:
+        self.policy, self.index = policy, index
+        self.model_id, self.block_size = model_id, block_size
+        self.index_errors = 0
+        # Uncached prompt tokens sent to a prefill worker and not yet prefilled: stats lag behind.
+        self._assigned: defaultdict[str, int] = defaultdict(int)
+
+    async def decide(self, req: GenerateRequest, workers: Sequence[dict]) -> RouteDecision:
+        matches = {}
+        if self.index is not None:
+            hashes = block_hashes(req.prompt_token_ids, model_id=self.model_id, cache_salt=req.cache_salt,
+                                  block_size=self.block_size)
+            try:
+                matches = await self.index.longest_prefix(hashes) if hashes else {}
+            except IndexUnavailable as e:  # route by load until the index answers again
+                self.index_errors += 1
+                log.debug("KV index unavailable (%s): routing by load", e)
+        live = [w for w in workers if w.get("healthy", True)]
+        prefill = [
+            PrefillCandidate(
+                worker_id=w["id"], matched_blocks=_matched(matches, w["id"]),
+                queued_tokens=w.get("queued_tokens", 0) + self._assigned[w["id"]],
+                running=w.get("running", 0) + w.get("waiting", 0), free_blocks=w.get("free_blocks", 0),
+            )
+            for w in live if w["role"] == "prefill"
+        ]
+        decode = [
+            DecodeCandidate(
+                worker_id=w["id"], free_blocks=w.get("free_blocks", 0), total_blocks=w.get("total_blocks", 0),
+                running=w.get("running", 0) + w.get("waiting", 0), matched_blocks=_matched(matches, w["id"]),
+                queued_prefill_tokens=w.get("queued_tokens", 0),
+            )
+            for w in live if w["role"] in ("decode", "both")
+        ]
+        return self.policy.route(RouteRequest(len(req.prompt_token_ids), self.block_size, req.params.max_tokens),
+                                 prefill, decode)
+
+    def assign(self, worker_id: str | None, tokens: int) -> None:
+        if worker_id is not None:
+            self._assigned[worker_id] += tokens
+
+    def done(self, worker_id: str | None, tokens: int) -> None:
+        if worker_id is not None:
+            self._assigned[worker_id] = max(0, self._assigned[worker_id] - tokens)
+
+
+def _matched(matches: dict, worker_id: str) -> int:
+    m = matches.get(worker_id)
+    return m.matched_blocks if m is not None else 0
