@@ -79,7 +79,48 @@ def print_header(title: str) -> None:
     print(f"load average at start: {load_average()}\n", flush=True)
 
 
+def cpu_idle(window_s: float = 0.5) -> float:
+    """Fraction of all CPUs idle over ``window_s`` (from /proc/stat); this process sleeps meanwhile,
+    so it measures what the machine's other users leave."""
+
+    def read() -> tuple[int, int]:
+        vals = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return vals[3] + vals[4], sum(vals[:8])
+
+    try:
+        i0, t0 = read()
+        time.sleep(window_s)
+        i1, t1 = read()
+    except (OSError, ValueError, IndexError):
+        return 1.0
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+QUIET_LOG: list[float] = []
+
+
+def wait_quiet(max_wait_s: float = 45.0, threshold: float = 0.8) -> float:
+    """Before a timed repetition: wait (at most ``max_wait_s``) until at least ``threshold`` of the
+    CPUs are idle. The machine is shared; this lowers, never removes, interference. Records the idle
+    fraction seen when the repetition started (see ``quiet_summary``)."""
+    deadline = time.monotonic() + max_wait_s
+    idle = cpu_idle()
+    while idle < threshold and time.monotonic() < deadline:
+        idle = cpu_idle()
+    QUIET_LOG.append(idle)
+    return idle
+
+
+def quiet_summary() -> str:
+    if not QUIET_LOG:
+        return "no idle checks"
+    quiet = sum(x >= 0.8 for x in QUIET_LOG)
+    return (f"CPU idle before each timed repetition: median {100 * median(QUIET_LOG):.0f} %, "
+            f"min {100 * min(QUIET_LOG):.0f} %; {quiet}/{len(QUIET_LOG)} started with ≥ 80 % idle")
+
+
 def print_footer() -> None:
+    print(f"\n{quiet_summary()}")
     print(f"\nload average at end: {load_average()}")
 
 

@@ -196,6 +196,7 @@ def status_to_proto(status: dict) -> pb.StatusResponse:
             id=w["id"], role=w["role"], requests_total=w.get("requests_total", 0), running=w.get("running", 0),
             waiting=w.get("waiting", 0), free_blocks=w.get("free_blocks", 0), total_blocks=w.get("total_blocks", 0),
             tokens_per_s=w.get("tokens_per_s", 0.0), healthy=w.get("healthy", True),
+            indexed=bool(w.get("indexed")), queued_tokens=w.get("queued_tokens", 0),
             kv_transfer=pb.KVTransferStats(backend=kv.get("backend", "none"), bytes=kv.get("bytes", 0),
                                            transfers=kv.get("transfers", 0), failures=kv.get("failures", 0)),
         ))
@@ -217,7 +218,8 @@ def status_from_proto(msg: pb.StatusResponse) -> dict:
             {
                 "id": w.id, "role": w.role, "requests_total": w.requests_total, "running": w.running,
                 "waiting": w.waiting, "free_blocks": w.free_blocks, "total_blocks": w.total_blocks,
-                "tokens_per_s": w.tokens_per_s, "healthy": w.healthy,
+                "tokens_per_s": w.tokens_per_s, "healthy": w.healthy, "indexed": w.indexed,
+                "queued_tokens": w.queued_tokens,
                 "kv_transfer": {"backend": w.kv_transfer.backend, "bytes": w.kv_transfer.bytes,
                                 "transfers": w.kv_transfer.transfers, "failures": w.kv_transfer.failures},
             }

@@ -63,10 +63,9 @@ def start_cluster(tmp: Path, model: Path, transfer: str, *, decode_replicas: int
         "lease_s": 20,
         "transfer_timeout_s": 5,
         "routing": {"local_prefill_max_tokens": 0},  # always disaggregate: these tests measure transfers
-        **extra,
     }
-    if extra.get("prefill"):
-        config["prefill"] = {**config["prefill"], **extra["prefill"]}
+    for key, value in extra.items():  # nested sections merge, others replace
+        config[key] = {**config[key], **value} if isinstance(config.get(key), dict) else value
     cfg_path = tmp / f"cluster-{transfer}.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     log = tmp / f"serve-{transfer}.log"

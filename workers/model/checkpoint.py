@@ -13,6 +13,7 @@ held twice in RAM.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors import safe_open
 
 from workers.model.config import ModelConfig
 from workers.model.fp8 import dequantize_weight, scale_shape
-from workers.model.names import SCALE_SUFFIX, hf_to_internal, internal_to_hf, scale_name
+from workers.model.names import SCALE_SUFFIX, hf_to_internal, internal_to_hf, routed_expert_of, scale_name
 from workers.model.shards import FP8_DTYPE_NAME, CheckpointError, TensorInfo, checkpoint_tensors
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ def load_model(
     load_mtp: bool = False,
     progress: bool | None = None,
     indexer: str | None = None,
+    experts: Callable[[int, int], bool] | None = None,
 ) -> "DeepseekV32":
     """Build ``DeepseekV32`` from a checkpoint folder.
 
@@ -64,6 +66,10 @@ def load_model(
         progress: progress line on stderr; None = only for checkpoints over 1 GiB.
         indexer: ``"exact"`` or ``"fp8"``; None = exact in float32 (what transformers computes),
             DeepSeek's FP8 indexer otherwise.
+        experts: ``(layer, expert) → bool``, the routed experts to load (an expert-parallel rank's
+            share, ``ExpertPlacement.holds(rank)``); None = all. The others are never read: their
+            slots hold ``AbsentExpert`` placeholders. Their headers are still checked (MTP layer j is
+            layer ``num_hidden_layers + j``).
 
     Raises:
         ConfigError: ``config.json`` missing or invalid (names the key).
@@ -71,6 +77,7 @@ def load_model(
             of the wrong shape (names the tensor).
     """
     from workers.model.model import DeepseekV32
+    from workers.model.moe import AbsentExpert
 
     if not dtype.is_floating_point or dtype.itemsize < 2:
         raise ValueError(f"dtype must be a 16/32/64-bit float dtype, got {dtype}")
@@ -83,6 +90,17 @@ def load_model(
         model = DeepseekV32(config, with_mtp=load_mtp)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     plan = _plan(config, tensors, expected, load_mtp)
+    if experts is not None:
+        layers = config.num_hidden_layers
+
+        def skipped(internal: str) -> tuple[int, int] | None:
+            which = routed_expert_of(internal, layers)
+            return which if which is not None and not experts(*which) else None
+
+        plan = [p for p in plan if skipped(p.internal) is None]
+        for layer, e in {w for name in expected if (w := skipped(name)) is not None}:
+            block_module = model.layers[layer] if layer < layers else model.mtp[layer - layers].block
+            block_module.ffn.experts[e] = AbsentExpert(layer, e)
 
     block = _block(config)
     total_bytes = sum(p.weight.nbytes + (p.scale.nbytes if p.scale else 0) for p in plan)

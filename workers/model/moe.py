@@ -25,6 +25,24 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class AbsentExpert(nn.Module):
+    """Stands in for a routed expert this process does not hold: loaded with an ``experts`` filter
+    (``load_model``), or held by another expert-parallel rank. No weights; calling it is an error."""
+
+    def __init__(self, layer: int, expert: int) -> None:
+        super().__init__()
+        self.layer, self.expert = layer, expert
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            f"expert {self.expert} of layer {self.layer} is not held by this process (the model was loaded "
+            "with an experts filter): run it through workers.parallel, which sends tokens to the rank holding it"
+        )
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, expert={self.expert}"
+
+
 class Gate(nn.Module):
     """DeepSeek-V3's auxiliary-loss-free router (``noaux_tc``).
 

@@ -58,6 +58,7 @@ _SPECIAL_LEAVES: dict[str, str] = {"mlp.gate.e_score_correction_bias": "ffn.gate
 
 SCALE_SUFFIX = ".weight_scale_inv"
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT_RE = re.compile(r"^(?:layers\.(\d+)|mtp\.(\d+)\.block)\.ffn\.experts\.(\d+)\.")
 _LEAVES = ("weight", "bias")
 
 
@@ -137,6 +138,16 @@ def _map_mtp_extra(rest: str) -> str | None:
     if stem in MTP_TABLE and leaf in _LEAVES:
         return f"{MTP_TABLE[stem]}.{leaf}"
     return None
+
+
+def routed_expert_of(internal: str, num_hidden_layers: int) -> tuple[int, int] | None:
+    """``(layer, expert)`` of a routed expert's internal tensor name, else None. MTP layer j counts as
+    layer ``num_hidden_layers + j`` (its ``Block.layer``)."""
+    m = _EXPERT_RE.match(internal)
+    if m is None:
+        return None
+    layer = int(m.group(1)) if m.group(1) is not None else num_hidden_layers + int(m.group(2))
+    return layer, int(m.group(3))
 
 
 def scale_name(weight_name: str) -> str:

@@ -179,7 +179,7 @@ class KVTransferStats(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., bytes: _Optional[int] = ..., transfers: _Optional[int] = ..., failures: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "role", "requests_total", "running", "waiting", "free_blocks", "total_blocks", "tokens_per_s", "kv_transfer", "healthy")
+    __slots__ = ("id", "role", "requests_total", "running", "waiting", "free_blocks", "total_blocks", "tokens_per_s", "kv_transfer", "healthy", "indexed", "queued_tokens")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +190,8 @@ class WorkerStatus(_message.Message):
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    INDEXED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     requests_total: int
@@ -200,7 +202,9 @@ class WorkerStatus(_message.Message):
     tokens_per_s: float
     kv_transfer: KVTransferStats
     healthy: bool
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., requests_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    indexed: bool
+    queued_tokens: int
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., requests_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., healthy: _Optional[bool] = ..., indexed: _Optional[bool] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
 
 class RouterStatus(_message.Message):
     __slots__ = ("requests_total", "in_flight", "errors_total")

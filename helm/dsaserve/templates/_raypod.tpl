@@ -1,0 +1,166 @@
+{{/*
+The pod template of a Ray node (head, prefill or decode group). Argument: dict
+  "root" $            the chart context
+  "component" NAME    head | prefill | decode
+  "spec" VALUES       .Values.head, or .Values.prefill.group / .Values.decode.group
+  "gpus" N            nvidia.com/gpu per pod (0 for the head)
+  "ranksPerPod" N     (workers) expert-parallel ranks a pod holds, read by the planner
+*/}}
+{{- define "dsaserve.rayPodTemplate" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+{{- $spec := .spec -}}
+{{- $isHead := eq .component "head" -}}
+{{- /* No chart version or config checksum here: a changed pod template makes KubeRay build a new
+     cluster, and KubeRay applies serveConfigV2 changes (replica counts) without one. */}}
+metadata:
+  labels:
+    {{- include "dsaserve.selectorLabels" $root | nindent 4 }}
+    app.kubernetes.io/part-of: dsaserve
+    app.kubernetes.io/component: {{ .component }}
+    {{- with $spec.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- $annotations := deepCopy (default (dict) $spec.podAnnotations) }}
+  {{- if not $isHead }}
+  {{- $_ := set $annotations "dsaserve.io/ranks-per-pod" (toString .ranksPerPod) }}
+  {{- end }}
+  {{- with $annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  automountServiceAccountToken: false
+  enableServiceLinks: false
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $v.podSecurityContext | nindent 4 }}
+  {{- with $spec.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $spec.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $spec.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $spec.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if $v.model.fetch.enabled }}
+  initContainers:
+    - name: fetch-model
+      image: {{ include "dsaserve.image" $root }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      {{- if $v.model.fetch.command }}
+      command:
+        {{- toYaml $v.model.fetch.command | nindent 8 }}
+      {{- else }}
+      command:
+        - python
+        - -c
+        - |
+          import os
+          from huggingface_hub import snapshot_download
+          allow = [p for p in os.environ.get("MODEL_ALLOW", "").split(",") if p] or None
+          path = snapshot_download(repo_id=os.environ["MODEL_REPO"], revision=os.environ["MODEL_REVISION"],
+                                   local_dir=os.environ["MODEL_DIR"], allow_patterns=allow)
+          print("dsaserve: model ready in", path, flush=True)
+      {{- end }}
+      env:
+        - {name: MODEL_REPO, value: {{ $v.model.fetch.repo | quote }}}
+        - {name: MODEL_REVISION, value: {{ $v.model.fetch.revision | quote }}}
+        - {name: MODEL_DIR, value: {{ $v.model.path | quote }}}
+        - {name: MODEL_ALLOW, value: {{ ternary "*.json,*.model,*.txt,*.jinja" "" (and $isHead $v.model.fetch.headConfigOnly) | quote }}}
+        - {name: HF_HOME, value: /tmp/hf}
+        {{- with $v.model.fetch.tokenSecret.name }}
+        - name: HF_TOKEN
+          valueFrom:
+            secretKeyRef: {name: {{ . }}, key: {{ $v.model.fetch.tokenSecret.key }}}
+        {{- end }}
+      resources:
+        {{- toYaml $v.model.fetch.resources | nindent 8 }}
+      securityContext:
+        {{- toYaml $v.securityContext | nindent 8 }}
+      volumeMounts:
+        - {name: model, mountPath: {{ $v.model.volume.mountPath }}}
+        - {name: fetch-tmp, mountPath: /tmp}
+  {{- end }}
+  containers:
+    - name: {{ ternary "ray-head" "ray-worker" $isHead }}
+      image: {{ include "dsaserve.image" $root }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      env:
+        - {name: TOKENIZERS_PARALLELISM, value: "false"}
+        - {name: DSASERVE_CACHE, value: /home/ray/.cache/dsaserve}
+        {{- if eq (include "dsaserve.redisPasswordFromSecret" $root) "true" }}
+        - name: REDIS_PASSWORD
+          valueFrom:
+            secretKeyRef: {name: {{ include "dsaserve.redisSecretName" $root }}, key: {{ include "dsaserve.redisSecretKey" $root }}}
+        {{- end }}
+        {{- if or $v.apiKeys.keys $v.apiKeys.existingSecret }}
+        - name: DSASERVE_API_KEYS
+          valueFrom:
+            secretKeyRef: {name: {{ include "dsaserve.apiKeysSecretName" $root }}, key: {{ $v.apiKeys.secretKey }}}
+        {{- end }}
+        {{- with $spec.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      ports:
+        {{- if $isHead }}
+        - {name: gcs-server, containerPort: 6379}
+        - {name: dashboard, containerPort: 8265}
+        - {name: client, containerPort: 10001}
+        {{- end }}
+        - {name: serve, containerPort: {{ $v.router.http_port | int }}}
+        - {name: grpc, containerPort: {{ $v.router.grpc_port | int }}}
+        - {name: metrics, containerPort: {{ $v.metrics.port | int }}}
+      {{- $res := deepCopy $spec.resources }}
+      {{- if gt (int .gpus) 0 }}
+      {{- $_ := set $res "limits" (merge (dict "nvidia.com/gpu" (int .gpus)) (default (dict) $res.limits)) }}
+      {{- $_ := set $res "requests" (merge (dict "nvidia.com/gpu" (int .gpus)) (default (dict) $res.requests)) }}
+      {{- end }}
+      resources:
+        {{- toYaml $res | nindent 8 }}
+      securityContext:
+        {{- toYaml $v.securityContext | nindent 8 }}
+      {{- if not $isHead }}
+      lifecycle:
+        preStop:
+          exec:
+            command: ["/bin/sh", "-c", "ray stop"]
+      {{- end }}
+      volumeMounts:
+        - {name: dshm, mountPath: /dev/shm}
+        - {name: ray-logs, mountPath: /tmp/ray}
+        {{- if ne $v.model.volume.type "none" }}
+        - {name: model, mountPath: {{ $v.model.volume.mountPath }}, readOnly: true}
+        {{- end }}
+  volumes:
+    - name: dshm
+      emptyDir: {medium: Memory, sizeLimit: {{ $spec.shmSize }}}
+    - name: ray-logs
+      emptyDir: {}
+    {{- if $v.model.fetch.enabled }}
+    - name: fetch-tmp
+      emptyDir: {}
+    {{- end }}
+    {{- with $v.model.volume }}
+    {{- if eq .type "pvc" }}
+    - name: model
+      persistentVolumeClaim: {claimName: {{ .pvc.claimName }}}
+    {{- else if eq .type "hostPath" }}
+    - name: model
+      hostPath: {path: {{ .hostPath.path }}, type: {{ .hostPath.type }}}
+    {{- else if eq .type "emptyDir" }}
+    - name: model
+      emptyDir: {sizeLimit: {{ .emptyDir.sizeLimit }}}
+    {{- end }}
+    {{- end }}
+{{- end -}}

