@@ -13,6 +13,8 @@ import torch
 from kvstore.transfer import LocalTransfer
 from router.backend import AdmissionError, ModelInfo
 from router.disagg import generate_disaggregated
+from router.policy import RoutingConfig, make_policy
+from router.routing import CacheAwareRouting
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.types import GenerateRequest, RequestOutput
@@ -56,7 +58,8 @@ class LocalBackend:
     """The ``Backend`` of local mode. Requests run prefill → KV handle → decode across two engines
     (``disaggregate=True``, the default) or wholly on one engine."""
 
-    def __init__(self, model_dir: Path, engine_config: EngineConfig, *, disaggregate: bool = True, dtype=torch.float32) -> None:
+    def __init__(self, model_dir: Path, engine_config: EngineConfig, *, disaggregate: bool = True, dtype=torch.float32,
+                 routing: RoutingConfig | None = None) -> None:
         self.model_dir = model_dir
         self.engine_config = engine_config
         model_id = model_dir.name
@@ -83,14 +86,18 @@ class LocalBackend:
             block_size=engine_config.block_size, eos_token_id=mc.eos_token_id, bos_token_id=mc.bos_token_id,
             index_topk=mc.index_topk, has_tokenizer=(model_dir / "tokenizer.json").is_file(),
         )
+        # The cluster's policy; by default local mode always disaggregates (it exists to run that path).
+        self.routing = CacheAwareRouting(make_policy("dsaserve", routing), None, model_id=model_id,
+                                         block_size=engine_config.block_size) if routing else None
         self._in_flight = 0
         self._requests_total = 0
         self._errors_total = 0
 
     @classmethod
-    def start(cls, model_dir: str | Path | None = None, *, engine_config: EngineConfig | None = None, disaggregate: bool = True) -> "LocalBackend":
+    def start(cls, model_dir: str | Path | None = None, *, engine_config: EngineConfig | None = None,
+              disaggregate: bool = True, routing: RoutingConfig | None = None) -> "LocalBackend":
         path = Path(model_dir) if model_dir is not None else default_model_dir()
-        return cls(path, engine_config or EngineConfig(), disaggregate=disaggregate)
+        return cls(path, engine_config or EngineConfig(), disaggregate=disaggregate, routing=routing)
 
     def __enter__(self) -> "LocalBackend":
         return self
@@ -120,7 +127,11 @@ class LocalBackend:
         self._in_flight += 1
         self._requests_total += 1
         try:
-            if self.prefill is None:
+            local = self.prefill is None
+            if not local and self.routing is not None:
+                decision = await self.routing.decide(req, self.stats()["workers"])
+                local = decision.prefill_worker is None  # conditional disaggregation
+            if local:
                 stream = self.decode.generate(req)
             else:
                 stream = generate_disaggregated(req, self.prefill, self.decode, eos_token_id=self._info.eos_token_id,

@@ -179,3 +179,17 @@ def test_evicted_prefix_comes_back_from_the_context_cache(tiny_ckpt, tmp_path, t
         cache = be.decode_engine.context_cache
     assert out1.usage.cached_tokens == 0 and again == first
     assert out2.usage.cached_tokens == 192 and cache.hits[tier] >= 3
+
+
+def test_conditional_disaggregation_prefills_short_prompts_on_the_decode_worker(tiny_ckpt):
+    from router.policy import RoutingConfig
+
+    model = load_model(tiny_ckpt)
+    short, long = prompt(40, seed=51), prompt(300, seed=52)
+    routing = RoutingConfig(local_prefill_max_tokens=100, temperature_s=0.0)
+    with LocalBackend.start(tiny_ckpt, engine_config=EngineConfig(num_blocks=32), routing=routing) as be:
+        for p in (short, long):
+            tokens, _ = asyncio.run(_run(be, _greedy(f"c{len(p)}", p, 4)))
+            assert tokens == reference_greedy(model, p, 4)
+        assert be.prefill_engine.requests_total == 1  # only the long prompt went through prefill
+        assert be.decode_engine.transfer.stats()["transfers"] == 1
