@@ -2,13 +2,14 @@
 
     .venv/bin/python -m bench.decode_curve [--quick]
 
-dsaserve: one request through ``LocalBackend`` (``disaggregate=False``) whose prompt ends 17 tokens
+dsaserve: a request through ``LocalBackend`` (``disaggregate=False``) whose prompt ends 17 tokens
 short of the context; the first token comes from the prefill, the next 16 are decode steps, timed by
-the arrival of each streamed token (median and mean of the 16 gaps). The prompts of successive
-contexts share their prefix (one random id sequence), so each prefill only computes what the
-prefix cache lacks — decode cost does not depend on how the KV got there. transformers: one forward
-of the prompt with ``use_cache=True``, then 17 greedy single-token forwards with its cache, timed
-one by one (median and mean of the last 16); skipped at contexts whose prefill is estimated
+the arrival of each streamed token. ``--reps`` requests (default 3) per context with the same prompt
+(the repeats hit the prefix cache, so only their decode is new work) → median and mean of the
+3 × 16 gaps. The prompts of successive contexts share their prefix (one random id sequence), so each
+first prefill only computes what the prefix cache lacks — decode cost does not depend on how the KV
+got there. transformers: one forward of the prompt with ``use_cache=True``, then 1 + 3 × 16 greedy
+single-token forwards with its cache, timed one by one (the first dropped as warm-up); skipped at contexts whose prefill is estimated
 (quadratic extrapolation of the last measured one, or memory for its dense [heads, S, S] score
 matrices) to take more than ``--hf-max-prefill-s`` seconds or 70 % of the available memory.
 """
@@ -32,69 +33,107 @@ def mem_available() -> int:
     return 1 << 34
 
 
-def dsaserve_curve(path, contexts: list[int], base: list[int]) -> dict[int, tuple[float, list[float]]]:
-    """context → (prefill seconds, STEPS decode gaps in seconds)."""
-    from cluster.local import LocalBackend
-    from workers.engine.config import EngineConfig
-    from workers.engine.types import GenerateRequest, SamplingParams
+class DsaserveDecode:
+    """One LocalBackend (one engine); ``__call__(prompt)`` → (prefill s, STEPS decode gaps in s)."""
 
-    params = SamplingParams(max_tokens=STEPS + 1, ignore_eos=True)
-    out: dict[int, tuple[float, list[float]]] = {}
-    with LocalBackend.start(path, engine_config=EngineConfig(), disaggregate=False) as be:
+    def __init__(self, path) -> None:
+        from cluster.local import LocalBackend
+        from workers.engine.config import EngineConfig
+        from workers.engine.types import SamplingParams
 
-        async def one(rid: str, ids: list[int]) -> list[float]:
+        self.backend = LocalBackend.start(path, engine_config=EngineConfig(), disaggregate=False)
+        self.params = SamplingParams(max_tokens=STEPS + 1, ignore_eos=True)
+        self.calls = 0
+
+    def __call__(self, ids: list[int]) -> tuple[float, list[float]]:
+        from workers.engine.types import GenerateRequest
+
+        self.calls += 1
+        req = GenerateRequest(f"decode-{self.calls}", tuple(ids), self.params)
+
+        async def go() -> list[float]:
             stamps = [time.perf_counter()]
-            async for o in be.generate(GenerateRequest(rid, tuple(ids), params)):
+            async for o in self.backend.generate(req):
                 if o.error:
                     raise RuntimeError(o.error)
-                for _ in o.new_token_ids:
-                    stamps.append(time.perf_counter())
+                stamps.extend(time.perf_counter() for _ in o.new_token_ids)
             return stamps
 
-        C.run_async(one("warm", C.random_ids(300, 77)))
-        for ctx in contexts:
-            stamps = C.run_async(one(f"ctx{ctx}", base[: ctx - STEPS - 1]))
-            assert len(stamps) == STEPS + 2, len(stamps)
-            gaps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
-            out[ctx] = (stamps[1] - stamps[0], gaps)
-            print(f"  dsaserve ctx {ctx}: prefill {out[ctx][0]:.1f} s, decode {1e3 * C.median(gaps):.2f} ms/token", flush=True)
-    return out
+        stamps = C.run_async(go())
+        assert len(stamps) == STEPS + 2, len(stamps)
+        return stamps[1] - stamps[0], [b - a for a, b in zip(stamps[1:], stamps[2:])]
+
+    def close(self) -> None:
+        self.backend.close()
 
 
-def hf_curve(path, contexts: list[int], base: list[int], max_prefill_s: float) -> dict[int, tuple[float, list[float]] | str]:
-    model = C.load_hf(path)
-    cfg = model.config
-    heads = max(cfg.num_attention_heads, cfg.index_n_heads)
-    out: dict[int, tuple[float, list[float]] | str] = {}
-    last: tuple[int, float] | None = None
-    with torch.inference_mode():
-        model(torch.tensor([C.random_ids(300, 77)]), use_cache=True, logits_to_keep=1)  # warm-up
-        for ctx in contexts:
-            n = ctx - STEPS - 1
-            est = None if last is None else last[1] * (n / last[0]) ** 2
-            need = 16 * heads * n * n  # ~4 live float32 [heads, S, S] tensors (indexer scores, attention)
-            if est is not None and est > max_prefill_s:
-                out[ctx] = f"skipped: prefill est. {est:.0f} s > {max_prefill_s:.0f} s"
-                continue
-            if need > 0.7 * mem_available():
-                out[ctx] = f"skipped: prefill needs ~{need / 2**30:.0f} GiB (dense score matrices)"
-                continue
-            ids = torch.tensor([base[:n]])
+class HFDecode:
+    """transformers: prefill forward with its cache, then STEPS + 1 greedy single-token forwards."""
+
+    def __init__(self, path) -> None:
+        self.model = C.load_hf(path)
+        cfg = self.model.config
+        self.heads = max(cfg.num_attention_heads, cfg.index_n_heads)
+        self.last: tuple[int, float] | None = None  # (prompt length, prefill seconds) of the last run
+
+    def skip_reason(self, n: int, max_prefill_s: float) -> str | None:
+        est = None if self.last is None else self.last[1] * (n / self.last[0]) ** 2
+        need = 16 * self.heads * n * n  # ~4 live float32 [heads, S, S] tensors (indexer scores, attention)
+        if est is not None and est > max_prefill_s:
+            return f"skipped: prefill est. {est:.0f} s > {max_prefill_s:.0f} s"
+        if need > 0.7 * mem_available():
+            return f"skipped: prefill needs ~{need / 2**30:.0f} GiB (dense score matrices)"
+        return None
+
+    def __call__(self, ids: list[int], steps: int = STEPS) -> tuple[float, list[float]]:
+        with torch.inference_mode():
             t0 = time.perf_counter()
-            res = model(ids, use_cache=True, logits_to_keep=1)
+            res = self.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
             prefill = time.perf_counter() - t0
-            last = (n, prefill)
+            self.last = (len(ids), prefill)
             cache, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
             gaps = []
-            for _ in range(STEPS + 1):
+            for _ in range(steps + 1):
                 t0 = time.perf_counter()
-                res = model(nxt, past_key_values=cache, use_cache=True)
+                res = self.model(nxt, past_key_values=cache, use_cache=True)
                 gaps.append(time.perf_counter() - t0)
                 cache, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
-            out[ctx] = (prefill, gaps[1:])
-            print(f"  transformers ctx {ctx}: prefill {prefill:.1f} s, decode {1e3 * C.median(gaps[1:]):.2f} ms/token", flush=True)
-            del res, cache
-    return out
+        return prefill, gaps[1:]  # the first cached step is a warm-up
+
+    def close(self) -> None:
+        del self.model
+
+
+def profile_decode(path, ctx: int) -> None:
+    """STEPS decode steps of one sequence at ``ctx`` on an Engine stepped on this thread, under torch.profiler
+    (the profiler does not see LocalBackend's engine thread)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from workers.engine.config import EngineConfig
+    from workers.engine.engine import Engine
+    from workers.engine.types import GenerateRequest, SamplingParams
+    from workers.model.checkpoint import load_model
+
+    labels = C.instrument()
+    engine = Engine(load_model(path), EngineConfig(), role="both")
+    outs: list = []
+    n = ctx - STEPS - 5
+    engine.add_request(GenerateRequest("prof", tuple(C.random_ids(n, 61_000)), SamplingParams(max_tokens=STEPS + 5, ignore_eos=True)), outs.append)
+    while not outs:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    C.wait_quiet()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        for _ in range(STEPS):
+            engine.step()
+        wall = time.perf_counter() - t0
+    print(f"\n### Profile: {STEPS} dsaserve decode steps at context ≈{ctx} (engine stepped in-thread, "
+          f"{1e3 * wall / STEPS:.1f} ms/step under the profiler)\n")
+    print(C.stage_table(prof, labels, wall))
+    print()
+    print(C.op_table(prof, 10))
 
 
 def bar(ms: float, scale: float, width: int = 40) -> str:
@@ -105,6 +144,8 @@ def main() -> None:
     args = C.parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--contexts", type=str, default=None, help="comma-separated context lengths"),
         p.add_argument("--hf-max-prefill-s", type=float, default=120.0),
+        p.add_argument("--profile", type=int, default=None, metavar="CONTEXT",
+                       help="also profile dsaserve decode steps at this context"),
     ))
     C.setup_threads(args.threads)
     contexts = [int(x) for x in args.contexts.split(",")] if args.contexts else (
@@ -115,9 +156,37 @@ def main() -> None:
         raise SystemExit(f"context {max(contexts)} > max_position_embeddings {config.max_position_embeddings}")
     C.print_header(f"Decode ms/token vs context ({', '.join(map(str, contexts))}), one sequence")
     base = C.random_ids(max(contexts), 60_000)
+    reps = args.reps or (1 if args.quick else 3)
 
-    ours = dsaserve_curve(path, contexts, base)
-    hf = {} if args.no_hf else hf_curve(path, contexts, base, args.hf_max_prefill_s)
+    ds = DsaserveDecode(path)
+    hfd = None if args.no_hf else HFDecode(path)
+    ds(C.random_ids(300, 77))  # warm-up
+    if hfd is not None:
+        hfd(C.random_ids(300, 77))
+        hfd.last = None
+    ours: dict[int, tuple[float, list[float]]] = {}
+    hf: dict[int, tuple[float, list[float]] | str] = {}
+    for ctx in contexts:  # interleaved: both systems at one context, then the next context
+        prompt = base[: ctx - STEPS - 1]
+        C.wait_quiet()
+        ours[ctx] = ds(prompt)
+        for _ in range(reps - 1):  # same prompt again: the prefix cache holds it, only decode is new work
+            C.wait_quiet()
+            ours[ctx][1].extend(ds(prompt)[1])
+        print(f"  dsaserve ctx {ctx}: prefill {ours[ctx][0]:.1f} s, decode {1e3 * C.median(ours[ctx][1]):.2f} ms/token", flush=True)
+        if hfd is None:
+            continue
+        reason = hfd.skip_reason(len(prompt), args.hf_max_prefill_s)
+        if reason:
+            hf[ctx] = reason
+            print(f"  transformers ctx {ctx}: {reason}", flush=True)
+        else:
+            C.wait_quiet()
+            hf[ctx] = hfd(prompt, reps * STEPS)
+            print(f"  transformers ctx {ctx}: prefill {hf[ctx][0]:.1f} s, decode {1e3 * C.median(hf[ctx][1]):.2f} ms/token", flush=True)
+    ds.close()
+    if hfd is not None:
+        hfd.close()
 
     rows = []
     for ctx in contexts:
@@ -149,7 +218,8 @@ def main() -> None:
     if len(hf_meds) >= 2:
         a, b = min(hf_meds), max(hf_meds)
         print(f"transformers: ×{hf_meds[b] / hf_meds[a]:.2f} from {a} to {b} (×{b / a:.0f} context).")
-
+    if args.profile:
+        profile_decode(path, args.profile)
     C.print_footer()
 
 

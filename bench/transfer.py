@@ -15,7 +15,7 @@ blocks: 3,076,352 B per block), each a real ``PagedKVStorage``.
   limit on one machine); ``clone`` allocates its destination each time (page faults included).
 - Every buffer (holder pool, reader pool, memcpy's) is backed by 2 MiB pages as ``NixlHolder`` and
   ``NixlTransfer`` do by default (``--no-huge-pages``: 4 KiB pages everywhere).
-- Repetitions interleave NIXL and memcpy per case; the machine is shared, so the load average is printed.
+- Rounds interleave NIXL and memcpy per case and start when the (shared) machine is quiet.
 - ray: the lead's ``cluster/ray_transfer.py`` backend end to end (``RayHolder.endpoint`` in an actor
   puts the blocks' bytes, ``RayTransfer.read`` gets them here); "n/a" without Ray or that module.
 
@@ -103,9 +103,10 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure(conn, reader, layout_kw: dict, n: int, reps: int, huge: bool) -> dict[str, list[float]]:
-    """Seconds per repetition of each way to move n blocks, interleaved so load drifts hit all alike:
-    NIXL READ with shuffled block ids, NIXL READ of one run of blocks, copy_ (warm), clone."""
+def measure(conn, reader, layout_kw: dict, n: int, reps: int, inner: int, huge: bool) -> dict[str, list[float]]:
+    """Seconds per repetition of each way to move n blocks: NIXL READ with shuffled block ids, NIXL
+    READ of one run of blocks, copy_ (warm), clone. Each of ``reps`` rounds (after a warm-up round)
+    waits for a quiet machine, then times every way ``inner`` times, so load drifts hit all alike."""
     conn.send(("nixl", layout_kw, n, huge))
     endpoint = conn.recv()
     dst = PagedKVStorage(BlockLayout(**layout_kw), n)
@@ -124,14 +125,15 @@ def measure(conn, reader, layout_kw: dict, n: int, reps: int, huge: bool) -> dic
             "copy": lambda: out.copy_(src), "clone": lambda: src.clone()}
     times: dict[str, list[float]] = {k: [] for k in ways}
     for rep in range(reps + 1):  # the first round warms up
+        if rep:
+            C.wait_quiet(max_wait_s=10.0)
         for key, fn in ways.items():
-            t = _seconds(fn)
-            if rep:
-                times[key].append(t)
+            for _ in range(inner):
+                t = _seconds(fn)
+                if rep:
+                    times[key].append(t)
             if key.startswith("nixl") and rep in (0, reps):  # verify the bytes (untimed)
                 _check(dst, *reversed(shuffled if key == "nixl" else one_run))
-    del dst, src, out
-    gc.collect()
     return times
 
 
@@ -212,18 +214,21 @@ def main() -> None:
             layout = BlockLayout(**layout_kw)
             n = -(-tokens // BLOCK)
             nbytes = n * layout.bytes_per_block
-            case_reps = reps * (10 if nbytes < 2**26 else 1)  # small copies take ms: more samples against noise
-            t = measure(conn, reader, layout_kw, n, case_reps, not args.no_huge_pages)
+            inner = 10 if nbytes < 2**26 else 1  # small copies take ms: more samples against noise
+            t = measure(conn, reader, layout_kw, n, reps, inner, not args.no_huge_pages)
             scattered, one_run, copy, clone = t["nixl"], t["nixl_run"], t["copy"], t["clone"]
+            gc.collect()  # this case's buffers go before the next case's arrive
             ray_t = ray_bench.times(layout_kw, n, reps) if ray_bench else None
             gbps = lambda ts: nbytes / C.median(ts) / 1e9  # noqa: E731
-            ratio = gbps(scattered) / gbps(copy)
+            ratio, ratio_clone = gbps(scattered) / gbps(copy), gbps(scattered) / gbps(clone)
             rows.append([label, f"{tokens // 1024}K", n, f"{layout.bytes_per_block:,}", f"{nbytes / 2**20:.1f}",
                          f"{gbps(scattered):.2f}", f"{gbps(one_run):.2f}", f"{gbps(copy):.2f}", f"{gbps(clone):.2f}",
-                         f"{100 * ratio:.0f} %", "n/a" if ray_t is None else f"{gbps(ray_t):.2f}",
+                         f"{100 * ratio:.0f} %", f"{100 * ratio_clone:.0f} %", "n/a" if ray_t is None else f"{gbps(ray_t):.2f}",
                          f"{1e3 * C.median(scattered):.1f}"])
             if tokens == 32768:
-                verdicts.append(f"{label}: {'MET' if ratio >= GOAL else 'MISSED'} ({100 * ratio:.0f} % of memcpy)")
+                verdicts.append(f"{label}: {'MET' if ratio >= GOAL else 'MISSED'} against copy_ into a warm buffer "
+                                f"({100 * ratio:.0f} %); {'MET' if ratio_clone >= GOAL else 'MISSED'} against clone "
+                                f"({100 * ratio_clone:.0f} %)")
     finally:
         conn.send("stop")
         proc.join(30)
@@ -232,14 +237,14 @@ def main() -> None:
             ray_bench.close()
     print(C.markdown_table(
         ["KV layout", "prompt", "blocks", "bytes/block", "MiB", "NIXL GB/s (shuffled blocks)", "NIXL GB/s (one run)",
-         "memcpy GB/s (copy_)", "clone GB/s", "NIXL / memcpy", "ray GB/s", "NIXL ms"], rows))
-    print(f"\nMedian of {reps} repetitions ({10 * reps} below 64 MiB) after one warm-up; GB = 1e9 bytes; "
+         "memcpy GB/s (copy_)", "clone GB/s", "NIXL / copy_", "NIXL / clone", "ray GB/s", "NIXL ms"], rows))
+    print(f"\nMedians of {reps} rounds (× 10 repetitions below 64 MiB) after a warm-up round, each round started "
+          f"when the CPUs were ≥ 80 % idle or after 10 s; ray: {reps} repetitions; GB = 1e9 bytes; "
           f"NIXL stats: {reader.stats()}")
     print(f"\nGoal (from the issue): NIXL ≥ {100 * GOAL:.0f} % of memcpy for the 32K prompt's KV")
     for v in verdicts:
         print(f"- {v}")
-    if not verdicts:
-        print("- (no 32K case in --quick for the 671B layout)")
+    print("(NIXL = the shuffled-block READ, the engine's worst case: one descriptor per block.)")
     C.print_footer()
 
 

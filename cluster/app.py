@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -225,8 +226,7 @@ class RouterServer:
         )
         index = None
         if cfg.redis_url:
-            opts = cfg.redis.model_dump(exclude={"worker_ttl_s"}, exclude_none=True)
-            index = RedisKVIndex(cfg.redis_url, info.model_id, cfg.block_size, **opts)
+            index = RedisKVIndex(os.path.expandvars(cfg.redis_url), info.model_id, cfg.block_size, **redis_options(cfg))
         r = cfg.routing
         policy_config = RoutingConfig(alpha=r.alpha, beta=r.beta, local_prefill_max_tokens=r.local_prefill_max_tokens,
                                       temperature_s=r.temperature_s, cost=DSACostModel.from_model_config(mc))
@@ -279,6 +279,13 @@ class RouterServer:
         return self.backend.stats()
 
 
+def redis_options(config: ClusterConfig) -> dict:
+    """RedisKVIndex keyword options; ``$VARS`` in them expand in the process that connects (a
+    Kubernetes Secret reaches the pods as an environment variable, never the Serve config)."""
+    opts = config.redis.model_dump(exclude={"worker_ttl_s"}, exclude_none=True)
+    return {k: os.path.expandvars(v) if isinstance(v, str) else v for k, v in opts.items()}
+
+
 def resolve_model(model: str) -> Path:
     """A checkpoint folder, or a preset name created (once) in the cache."""
     path = Path(model).expanduser()
@@ -298,13 +305,13 @@ def build_app(config: ClusterConfig, model_dir: Path):
                   lease_s=config.lease_s)
     index = None
     if config.redis_url:
-        index = {"url": config.redis_url, "ttl_s": config.redis.worker_ttl_s,
-                 "options": config.redis.model_dump(exclude={"worker_ttl_s"}, exclude_none=True)}
+        index = {"url": config.redis_url, "ttl_s": config.redis.worker_ttl_s, "options": redis_options(config)}
     router_config = RequestRouterConfig(request_router_class="cluster.request_router.WorkerIdRequestRouter")
 
     def group(cls, name, g):
         return serve.deployment(cls, name=name).options(
-            num_replicas=g.replicas, ray_actor_options={"num_cpus": g.num_cpus, "num_gpus": g.num_gpus},
+            num_replicas=g.replicas,
+            ray_actor_options={"num_cpus": g.num_cpus, "num_gpus": g.num_gpus, **({"resources": g.resources} if g.resources else {})},
             max_ongoing_requests=max(8, g.max_num_seqs * 2), request_router_config=router_config,
         ).bind(str(model_dir), g.engine(**common), config.transfer, g.torch_threads, config.transfer_timeout_s, index)
 

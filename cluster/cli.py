@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_serve.register(commands)
     cli_cluster.register(commands)
+    from cluster import cli_k8s
+    cli_k8s.register(commands)
     return parser
 
 

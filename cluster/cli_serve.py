@@ -1,7 +1,7 @@
 """Serving subcommands of the ``dsaserve`` CLI (``register`` adds them to its argparse tree).
 
     dsaserve local [--model DIR] [--host 127.0.0.1] [--port 50051]
-    dsaserve generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N] [sampling] [--json]
+    dsaserve generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N] [sampling] [--json] [--ep-size N]
     dsaserve client generate [--address HOST:PORT] (--prompt ... | --prompt-ids ...) [sampling] [--json]
     dsaserve batch [--model DIR] --input prompts.jsonl --output results.jsonl [--concurrency N]
 
@@ -39,6 +39,8 @@ def register(commands: Any) -> None:
     generate = commands.add_parser("generate", help="run one request offline, in process")
     _add_model_arg(generate)
     _add_request_args(generate)
+    generate.add_argument("--ep-size", type=_positive_int, default=1,
+                          help="expert parallelism: N local processes share the routed experts (default: 1)")
     generate.set_defaults(func=cmd_generate)
 
     client = commands.add_parser("client", help="call a running server")
@@ -112,7 +114,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from router.tokenizer import Tokenizer
 
     req = _request_from_args(args)
-    with LocalBackend.start(args.model) as backend:
+    if args.ep_size > 1:
+        from cluster.ep import EPLocalBackend
+        from workers.parallel import ExpertParallelError, PlacementError
+
+        try:
+            backend = EPLocalBackend.start(args.model, ep_size=args.ep_size)
+        except (PlacementError, ExpertParallelError) as e:  # e.g. experts not divisible by --ep-size
+            print(f"dsaserve: error: --ep-size {args.ep_size}: {e}", file=sys.stderr)
+            return 2
+    else:
+        backend = LocalBackend.start(args.model)
+    with backend:
         frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
         completion = asyncio.run(frontend.complete(req))
     _print_completion(completion, args.json)

@@ -23,12 +23,16 @@ class WorkerGroupConfig(_Strict):
     """One kind of worker (prefill or decode) and its engine limits."""
 
     replicas: int = Field(1, ge=1, description="number of replicas of this worker kind")
+    ep_size: int = Field(1, ge=1, description="expert-parallel ranks per replica: rank 0 runs the engine, every rank holds "
+                         "1/ep_size of the routed experts (Ray actors in one placement group; num_cpus/num_gpus are per rank)")
+    ep_timeout_s: float = Field(60.0, gt=0, description="expert parallelism: a rank silent this long fails the request and marks the replica unhealthy")
     num_blocks: int = Field(2048, ge=1, description="KV blocks (of block_size tokens) per replica")
     max_num_seqs: int = Field(64, ge=1, description="most sequences a replica runs at once")
     max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one engine step (chunked prefill size)")
     num_cpus: float = Field(0.25, gt=0, description="CPUs Ray reserves per replica")
     num_gpus: float = Field(0, ge=0, description="GPUs Ray reserves per replica (0 on CPU-only nodes)")
     torch_threads: int = Field(1, ge=1, description="intra-op threads of the replica's torch")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources a replica needs (e.g. {dsaserve_prefill: 1} to keep it on its worker group)")
     host_cache_blocks: int = Field(0, ge=0, description="context cache: evicted KV blocks kept in host memory per replica")
     disk_cache_dir: str | None = Field(None, description="context cache on disk (a per-replica subfolder is used); none: off")
     disk_cache_blocks: int = Field(0, ge=0, description="most KV blocks kept on disk per replica")

@@ -19,6 +19,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.types import GenerateRequest, RequestOutput
 from workers.model.checkpoint import load_model
+from workers.model.model import DeepseekV32
 from workers.worker import EngineLoop, EngineWorker
 
 DEFAULT_PRESET = "tiny"
@@ -59,12 +60,14 @@ class LocalBackend:
     (``disaggregate=True``, the default) or wholly on one engine."""
 
     def __init__(self, model_dir: Path, engine_config: EngineConfig, *, disaggregate: bool = True, dtype=torch.float32,
-                 routing: RoutingConfig | None = None) -> None:
+                 routing: RoutingConfig | None = None, model: DeepseekV32 | None = None) -> None:
+        """``model``: an already built model to serve (e.g. rank 0 of an expert-parallel group);
+        None loads ``model_dir``."""
         self.model_dir = model_dir
         self.engine_config = engine_config
         model_id = model_dir.name
         self.transfer = LocalTransfer()
-        decode_model = load_model(model_dir, dtype=dtype)
+        decode_model = model if model is not None else load_model(model_dir, dtype=dtype)
         self.decode_engine = Engine(decode_model, engine_config, role="decode" if disaggregate else "both",
                                     worker_id="decode-0", model_id=model_id, transfer=self.transfer)
         engines = [self.decode_engine]
@@ -111,19 +114,24 @@ class LocalBackend:
     def info(self) -> ModelInfo:
         return self._info
 
+    def health_error(self) -> str | None:
+        """Why this backend cannot serve (None when healthy)."""
+        return None if self.loop.error is None else f"engine loop stopped: {self.loop.error}"
+
     def stats(self) -> dict:
         engines = [e for e in (self.prefill_engine, self.decode_engine) if e is not None]
-        healthy = self.loop.error is None
+        healthy = self.health_error() is None
         router = {"requests_total": self._requests_total, "in_flight": self._in_flight, "errors_total": self._errors_total}
         return {"mode": "local", "router": router, "workers": [{**e.status(), "healthy": healthy} for e in engines]}
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         if self._in_flight >= self.engine_config.max_queue:
             raise AdmissionError(f"admission queue full ({self.engine_config.max_queue} requests in flight)", retry_after_s=1.0)
-        if self.loop.error is not None:
+        error = self.health_error()
+        if error is not None:
             from router.backend import BackendUnavailable
 
-            raise BackendUnavailable(f"engine loop stopped: {self.loop.error}")
+            raise BackendUnavailable(error)
         self._in_flight += 1
         self._requests_total += 1
         try:

@@ -7,6 +7,7 @@ Each replica owns one Engine on its own EngineLoop thread. Replicas publish thei
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 import uuid
@@ -73,7 +74,8 @@ class _EngineServer:
         events = {}
         if index and index.get("url"):
             self.publisher = IndexPublisher(
-                lambda: RedisKVIndex(index["url"], model_id, engine_config.block_size, **index.get("options", {})),
+                lambda: RedisKVIndex(os.path.expandvars(index["url"]), model_id, engine_config.block_size,
+                                     **index.get("options", {})),
                 self.worker_id, self.role, lambda: self.engine.block_snapshot(), ttl_s=index.get("ttl_s", 10.0),
             )
             events = {"on_block_event": self.publisher.on_block_event, "on_tier_event": self.publisher.on_tier_event}

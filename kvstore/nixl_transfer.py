@@ -19,8 +19,12 @@ handshake): the reader is ready as soon as it has a handle. Block b lives at
 ``base_addr + b * bytes_per_block`` in the holder's process.
 
 No UCX environment variables are needed on one machine (UCX picks shared memory + cma zero-copy and
-uses TCP for wire-up). A dead holder surfaces as ``nixlRemoteDisconnectError`` within milliseconds;
-the timeout covers a transfer that never finishes.
+uses TCP for wire-up; over cma the READ runs inside the post call). A dead holder surfaces as
+``nixlRemoteDisconnectError`` within milliseconds; the timeout covers a transfer that never finishes.
+Every failure raises TransferError after cancelling the transfer and dropping the holder's
+connection (over cma the copy has ended when the post returns; over RDMA closing the endpoint stops
+what the cancel could not), so the engine may reuse the destination blocks; a handle past its lease is
+refused (the holder may have reused the blocks, and a one-sided READ would not notice).
 """
 
 from __future__ import annotations
@@ -232,6 +236,7 @@ class NixlTransfer:
             bad = [b for b in blocks if not 0 <= b < limit]
             if bad:
                 raise TransferError(f"{side} block ids {bad[:4]} outside [0, {limit})")
+        self._check_lease(handle, "before")
         if not src_blocks:
             return 0
         t0 = time.perf_counter()
@@ -248,19 +253,27 @@ class NixlTransfer:
             local_descs = self.agent.get_xfer_descs(local, local_mem)
             remote_descs = self.agent.get_xfer_descs(far, ep["mem_type"])
             xfer = self.agent.initialize_xfer("READ", local_descs, remote_descs, remote, handle.request_id.encode())
-            state = self.agent.transfer(xfer)
-            self._wait(xfer, state, t0, handle)
-        except TransferError:
-            self._forget(remote)
-            raise
+            self._wait(xfer, self.agent.transfer(xfer), t0, handle)
         except Exception as e:  # nixlRemoteDisconnectError & co.: the holder is gone or unreachable
-            self._forget(remote)
-            raise TransferError(f"NIXL READ of {handle.request_id!r} from {remote!r} failed: {type(e).__name__}: {e}") from e
-        finally:
             if xfer is not None:
-                self._release(xfer)
+                self._release(xfer)  # cancels what is still in flight
+            self._forget(remote)  # and the disconnect stops anything the cancel could not
+            if isinstance(e, TransferError):
+                raise
+            raise TransferError(f"NIXL READ of {handle.request_id!r} from {remote!r} failed: {type(e).__name__}: {e}") from e
+        self._release(xfer)
+        self._check_lease(handle, "during")
         self._stats["seconds"] += time.perf_counter() - t0
         return len(src_blocks) * bpb
+
+    @staticmethod
+    def _check_lease(handle: KVHandle, when: str) -> None:
+        # Past its lease the holder may hand the blocks to another request, and a READ (one-sided:
+        # the holder is not asked) would copy that request's KV. Clocks across nodes must agree
+        # to well within the lease (NTP gives milliseconds; leases are tens of seconds).
+        if time.time() >= handle.lease_expires_at:
+            raise TransferError(f"lease on {handle.request_id!r}'s blocks expired {when} the read; "
+                                "the holder may have reused them")
 
     def _wait(self, xfer, state: str, t0: float, handle: KVHandle) -> None:
         delay = 2e-5
@@ -275,7 +288,7 @@ class NixlTransfer:
 
     def _release(self, xfer) -> None:
         try:
-            xfer.release()  # cancels a transfer still in flight
+            xfer.release()
         except Exception as e:
             log.warning("could not release NIXL transfer handle %r: %s", xfer, e)
 

@@ -52,6 +52,11 @@ class EngineLoop:
         except BaseException as e:  # a crash must not hang every caller forever
             self.error = e
             log.exception("engine loop crashed")
+            for engine in self.engines:  # end every request in flight with the error, now
+                try:
+                    engine.fail_all(f"engine loop crashed: {e}")
+                except Exception:
+                    log.exception("failing the requests of %s", engine.worker_id)
 
 
 class EngineWorker:

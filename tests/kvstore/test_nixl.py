@@ -1,6 +1,7 @@
-"""NIXL KV transfer between real processes: bytes arrive exactly, the holder is notified, a layout
-mismatch or a dead holder raises TransferError (never a half-read success), and a prefill engine in
-another process hands its KV to a decode engine that then produces the reference tokens.
+"""NIXL KV transfer between real processes: bytes arrive exactly, the holder is notified; a layout
+mismatch, a bad or expired handle, a stuck READ or a dead holder raises TransferError (never a
+half-read success); a prefill engine in another process hands its KV to a decode engine that then
+produces the reference tokens and the prefill engine drops its lease on the READ's notification.
 
 The holder runs in a "spawn" child; the reader is this process. No UCX variables are set: UCX's
 defaults (shared memory + cma, TCP wire-up) work between processes here.
@@ -89,10 +90,10 @@ class Holder:
             self.kill()
 
 
-def _handle(holder: Holder, block_ids, request_id: str = "req-1") -> KVHandle:
+def _handle(holder: Holder, block_ids, request_id: str = "req-1", lease_s: float = 60.0) -> KVHandle:
     fp = LayoutFingerprint("m", "float32", "exact", 64, 1, 3, holder.endpoint["bytes_per_block"])
     return KVHandle(worker_id=holder.name, request_id=request_id, block_ids=tuple(block_ids), num_tokens=64 * len(block_ids),
-                    first_token=0, fingerprint=fp, lease_expires_at=time.time() + 60, endpoint=holder.endpoint)
+                    first_token=0, fingerprint=fp, lease_expires_at=time.time() + lease_s, endpoint=holder.endpoint)
 
 
 @pytest.fixture(scope="module")
@@ -141,25 +142,36 @@ def test_block_size_mismatch_names_both_and_leaves_destination_untouched(holder,
     assert not dst.buffer.any()
 
 
-def test_out_of_range_blocks_are_refused(holder, reader):
+def test_bad_handles_are_refused_before_any_byte_moves(holder, reader):
     dst = PagedKVStorage(_layout(), 4)
     with pytest.raises(TransferError, match="source block ids"):
         reader.read(_handle(holder, [16]), dst, [0])
     with pytest.raises(TransferError, match="destination block ids"):
         reader.read(_handle(holder, [1]), dst, [4])
+    with pytest.raises(TransferError, match="2 destination blocks for 1 source blocks"):
+        reader.read(_handle(holder, [1]), dst, [0, 1])
+    # Past the lease the holder may have reused the blocks: reading them would copy someone else's KV.
+    with pytest.raises(TransferError, match="lease .* expired"):
+        reader.read(_handle(holder, [1], lease_s=-1.0), dst, [0])
     assert not dst.buffer.any()
 
 
-def test_timeout_cancels_and_the_next_read_reconnects(holder):
-    r = NixlTransfer(f"reader-{uuid.uuid4().hex[:8]}", timeout_s=1e-9)  # expires before the first poll
+def test_a_stuck_read_times_out_then_the_next_read_reconnects(holder, monkeypatch):
+    r = NixlTransfer(f"reader-{uuid.uuid4().hex[:8]}", timeout_s=0.3)
     dst = PagedKVStorage(_layout(), 16)
+    post = r.agent.transfer
+    monkeypatch.setattr(r.agent, "transfer", lambda xfer, *a: (post(xfer, *a), "PROC")[1])  # never reports DONE
+    monkeypatch.setattr(r.agent, "check_xfer_state", lambda xfer: "PROC")
     try:
-        with pytest.raises(TransferError, match="timed out"):
-            r.read(_handle(holder, range(16), "req-timeout"), dst, range(16))
+        t0 = time.monotonic()
+        with pytest.raises(TransferError, match=r"timed out after 0.3 s"):
+            r.read(_handle(holder, range(16), "req-stuck"), dst, range(16))
+        assert 0.3 <= time.monotonic() - t0 < 2.0
         assert r.stats()["failures"] == 1 and r.stats()["transfers"] == 0
-        r.timeout_s = 10.0
-        r.read(_handle(holder, range(16), "req-after"), dst, range(16))
+        monkeypatch.undo()
+        r.read(_handle(holder, range(16), "req-after"), dst, range(16))  # the holder's agent is loaded afresh
         assert torch.equal(dst.buffer, holder.expected.buffer)
+        assert r.stats()["transfers"] == 1
     finally:
         r.close()
     seen = holder.read_done()
@@ -235,7 +247,8 @@ def test_prefill_engine_in_another_process_hands_kv_to_decode(tiny_ckpt):
     from workers.engine.types import GenerateRequest, RequestOutput, SamplingParams
     from workers.model import load_model
 
-    ids = tuple(torch.randint(2, VOCAB, (130,), generator=torch.Generator().manual_seed(1)).tolist())  # > index_topk; 3 blocks, the last partial
+    # 130 tokens: more than index_topk (sparse attention), 3 blocks of which the last is partial
+    ids = tuple(torch.randint(2, VOCAB, (130,), generator=torch.Generator().manual_seed(1)).tolist())
     request = GenerateRequest("disagg-1", ids, SamplingParams(max_tokens=4, ignore_eos=True))
     conn, child = CTX.Pipe()
     proc = CTX.Process(target=_prefill_main, args=(child, tiny_ckpt, request, f"prefill-{uuid.uuid4().hex[:8]}"), daemon=True)

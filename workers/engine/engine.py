@@ -104,15 +104,51 @@ class Engine:
         self._tokens_done = 0
         self.requests_total = 0
         self._started = time.monotonic()
+        self._failed: str | None = None  # set by fail_all: the engine runs no more forwards
+        self._fail_lock = threading.Lock()
 
     # ------------------------------------------------------------------ any thread
     def add_request(self, request: GenerateRequest, sink: Sink) -> None:
-        self._inbox.put(("add", request, sink))
-        self.wake_event.set()
+        with self._fail_lock:
+            if self._failed is None:
+                self._inbox.put(("add", request, sink))
+                self.wake_event.set()
+                return
+        self._send(request.request_id, sink, self._error_output(request, self._failed))
 
     def import_kv(self, request: GenerateRequest, handle: KVHandle, sink: Sink, on_read: Callable[[Exception | None], None]) -> None:
-        self._inbox.put(("import", _Import(request, handle, sink, on_read)))
-        self.wake_event.set()
+        with self._fail_lock:
+            if self._failed is None:
+                self._inbox.put(("import", _Import(request, handle, sink, on_read)))
+                self.wake_event.set()
+                return
+        self._notify_read(_Import(request, handle, sink, on_read), TransferError(self._failed))
+
+    def fail_all(self, message: str) -> None:
+        """The engine cannot run forwards any more (its loop crashed, e.g. an expert-parallel rank
+        died): end every queued and running request with an ``error`` output naming ``message``; later
+        requests get the same at once. Call it once the loop has stopped stepping this engine."""
+        with self._fail_lock:
+            self._failed = message
+            queued = []
+            while not self._inbox.empty():
+                queued.append(self._inbox.get_nowait())
+        for cmd in queued:
+            if cmd[0] == "add":
+                self._send(cmd[1].request_id, cmd[2], self._error_output(cmd[1], message))
+            elif cmd[0] == "import":
+                self._imports.append(cmd[1])
+        for imp in self._imports:
+            self._notify_read(imp, TransferError(message))
+        self._imports = []
+        for seq in list(self._seqs.values()):
+            self._emit(seq, "error", message)
+            self._finish(seq)
+
+    @staticmethod
+    def _error_output(request: GenerateRequest, message: str) -> RequestOutput:
+        return RequestOutput(request_id=request.request_id, new_token_ids=(), finished=True,
+                             usage=Usage(len(request.prompt_token_ids), 0, 0), finish_reason="error", error=message)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

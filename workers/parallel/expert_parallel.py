@@ -130,7 +130,9 @@ class ExpertParallelMoE:
 
 
 class ExpertParallel:
-    """A model's MoE layers made expert-parallel over ``group`` (see ``parallelize``).
+    """The expert-parallel MoE layers of one rank, their exchange, and the serving roles.
+
+    Built by ``parallelize`` for a model, or layer by layer with ``add_layer`` (benchmarks).
 
     Attributes:
         layers: MoE layer index → its ``ExpertParallelMoE``.
@@ -138,38 +140,22 @@ class ExpertParallel:
         group: the ``EPGroup`` (traffic counters, ``error`` once broken).
     """
 
-    def __init__(self, model: DeepseekV32, placement: ExpertPlacement, group: EPGroup) -> None:
+    def __init__(self, placement: ExpertPlacement, group: EPGroup, *, dim: int, dtype: torch.dtype) -> None:
         if placement.ep_size != group.size:
             raise ExpertParallelError(f"placement is for {placement.ep_size} ranks, the group has {group.size}")
-        if placement.n_experts != model.config.n_routed_experts:
-            raise ExpertParallelError(f"placement is for {placement.n_experts} experts, the model has {model.config.n_routed_experts}")
         self.placement, self.group = placement, group
+        self.dim, self.dtype = dim, dtype
         self.width = placement.max_slots
         self.load = ExpertLoad(placement.n_experts)
-        w = model.embed.weight
-        self.dim, self.dtype = model.config.hidden_size, w.dtype
         self.layers: dict[int, ExpertParallelMoE] = {}
-        blocks = list(model.layers) + [m.block for m in model.mtp]
-        for block in blocks:
-            if isinstance(block.ffn, MoE):
-                self.layers[block.layer] = self._wrap(block.layer, block.ffn)
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
-    def _wrap(self, layer: int, moe: MoE) -> ExpertParallelMoE:
-        plan = self.placement.layer(layer)
-        mine = set(plan.rank_experts[self.group.rank])
-        local = {}
-        for e in range(len(moe.experts)):
-            if e in mine:
-                if isinstance(moe.experts[e], AbsentExpert):
-                    raise ExpertParallelError(f"rank {self.group.rank} must hold expert {e} of layer {layer}, but it was not loaded")
-                local[e] = moe.experts[e]
-            elif not isinstance(moe.experts[e], AbsentExpert):
-                moe.experts[e] = AbsentExpert(layer, e)  # another rank's: drop the weights
-        epm = ExpertParallelMoE(layer, local, plan, self)
-        moe.routed = epm.routed  # per instance: MoE.forward calls self.routed
+    def add_layer(self, layer: int, experts: Mapping[int, nn.Module]) -> ExpertParallelMoE:
+        """Register layer ``layer`` with this rank's experts (expert id → module, as the plan says)."""
+        epm = ExpertParallelMoE(layer, experts, self.placement.layer(layer), self)
+        self.layers[layer] = epm
         return epm
 
     @property
@@ -279,8 +265,26 @@ class ExpertParallel:
 def parallelize(model: DeepseekV32, placement: ExpertPlacement, group: EPGroup) -> ExpertParallel:
     """Make ``model``'s MoE layers expert-parallel in place: each keeps only this rank's experts
     (others become ``AbsentExpert``; load the model with ``experts=placement.holds(rank)`` to never
-    read them) and routes through the group. Every rank must call it with the same placement."""
-    return ExpertParallel(model, placement, group)
+    read them) and its ``routed`` goes through the group. Every rank must call it with the same
+    placement."""
+    if placement.n_experts != model.config.n_routed_experts:
+        raise ExpertParallelError(f"placement is for {placement.n_experts} experts, the model has {model.config.n_routed_experts}")
+    ep = ExpertParallel(placement, group, dim=model.config.hidden_size, dtype=model.embed.weight.dtype)
+    for block in list(model.layers) + [m.block for m in model.mtp]:
+        if not isinstance(block.ffn, MoE):
+            continue
+        layer, moe = block.layer, block.ffn
+        mine = set(placement.layer(layer).rank_experts[group.rank])
+        local = {}
+        for e in range(len(moe.experts)):
+            if e in mine:
+                if isinstance(moe.experts[e], AbsentExpert):
+                    raise ExpertParallelError(f"rank {group.rank} must hold expert {e} of layer {layer}, but it was not loaded")
+                local[e] = moe.experts[e]
+            elif not isinstance(moe.experts[e], AbsentExpert):
+                moe.experts[e] = AbsentExpert(layer, e)  # another rank's: drop the weights
+        moe.routed = ep.add_layer(layer, local).routed  # per instance: MoE.forward calls self.routed
+    return ep
 
 
 def _first_line(e: BaseException) -> str:

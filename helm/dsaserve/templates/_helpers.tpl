@@ -105,10 +105,35 @@ groups. Argument: the kind's values (.Values.prefill or .Values.decode).
 {{- define "dsaserve.workerArgs" -}}
 {{- $a := dict "replicas" (int .replicas) "num_blocks" (int .num_blocks) "max_num_seqs" (int .max_num_seqs)
       "max_num_batched_tokens" (int .max_num_batched_tokens) "num_cpus" (float64 .num_cpus)
-      "num_gpus" (float64 .num_gpus) "torch_threads" (int .torch_threads) -}}
-{{- /* ep_size 1 is the implicit default; larger values need a ClusterConfig with ep_size (issue 6). */ -}}
+      "num_gpus" (float64 .num_gpus) "torch_threads" (int .torch_threads)
+      "host_cache_blocks" (int (default 0 .host_cache_blocks)) "disk_cache_blocks" (int (default 0 .disk_cache_blocks)) -}}
+{{- /* ep_size 1 is ClusterConfig's default: written only above 1, like the optional keys below. */ -}}
 {{- if gt (int .ep_size) 1 -}}
 {{- $_ := set $a "ep_size" (int .ep_size) -}}
+{{- end -}}
+{{- if not (kindIs "invalid" .ep_timeout_s) -}}
+{{- $_ := set $a "ep_timeout_s" (float64 .ep_timeout_s) -}}
+{{- end -}}
+{{- with .disk_cache_dir -}}
+{{- $_ := set $a "disk_cache_dir" . -}}
+{{- end -}}
+{{- toYaml $a -}}
+{{- end -}}
+
+{{/* Where a TLS Secret for an external Redis is mounted. */}}
+{{- define "dsaserve.redisTlsDir" -}}/etc/dsaserve/redis-tls{{- end -}}
+
+{{/* ClusterConfig.redis: connection options (the password travels in the URL as ${REDIS_PASSWORD}). */}}
+{{- define "dsaserve.redisArgs" -}}
+{{- $c := .Values.redis.client -}}
+{{- $a := dict "worker_ttl_s" (float64 $c.worker_ttl_s) -}}
+{{- with $c.username }}{{ $_ := set $a "username" . }}{{ end -}}
+{{- $tls := .Values.redis.external.tls -}}
+{{- if and (not .Values.redis.enabled) $tls.secretName -}}
+{{- $dir := include "dsaserve.redisTlsDir" . -}}
+{{- with $tls.caKey }}{{ $_ := set $a "ssl_ca_certs" (printf "%s/%s" $dir .) }}{{ end -}}
+{{- with $tls.certKey }}{{ $_ := set $a "ssl_certfile" (printf "%s/%s" $dir .) }}{{ end -}}
+{{- with $tls.keyKey }}{{ $_ := set $a "ssl_keyfile" (printf "%s/%s" $dir .) }}{{ end -}}
 {{- end -}}
 {{- toYaml $a -}}
 {{- end -}}
@@ -118,13 +143,16 @@ groups. Argument: the kind's values (.Values.prefill or .Values.decode).
 {{- $v := .Values -}}
 {{- $router := dict "grpc_port" (int $v.router.grpc_port) "http_port" (int $v.router.http_port) "host" "0.0.0.0"
       "max_queue" (int $v.router.max_queue) "replicas" (int $v.router.replicas) -}}
-{{- $args := dict "model" $v.model.path "transfer" $v.transfer "router" $router "block_size" (int $v.block_size)
-      "lease_s" (float64 $v.lease_s) "transfer_timeout_s" (float64 $v.transfer_timeout_s) "dtype" $v.dtype
-      "app_name" $v.app_name
+{{- $routing := dict "policy" $v.routing.policy "alpha" (float64 $v.routing.alpha) "beta" (float64 $v.routing.beta)
+      "local_prefill_max_tokens" (int $v.routing.local_prefill_max_tokens) "temperature_s" (float64 $v.routing.temperature_s) -}}
+{{- $args := dict "model" $v.model.path "transfer" $v.transfer "router" $router "routing" $routing
+      "block_size" (int $v.block_size) "lease_s" (float64 $v.lease_s) "transfer_timeout_s" (float64 $v.transfer_timeout_s)
+      "dtype" $v.dtype "app_name" $v.app_name
       "prefill" (include "dsaserve.workerArgs" $v.prefill | fromYaml)
       "decode" (include "dsaserve.workerArgs" $v.decode | fromYaml) -}}
 {{- with (include "dsaserve.redisUrl" .) -}}
 {{- $_ := set $args "redis_url" . -}}
+{{- $_ := set $args "redis" (include "dsaserve.redisArgs" $ | fromYaml) -}}
 {{- end -}}
 {{- if not (kindIs "invalid" $v.max_model_len) -}}
 {{- $_ := set $args "max_model_len" (int $v.max_model_len) -}}
@@ -164,6 +192,9 @@ applications:
 {{- if and (eq (float64 $k.num_gpus) 0.0) (gt (int $k.group.gpusPerPod) 0) -}}
 {{- fail (printf "%s.group.gpusPerPod is %v but %s.num_gpus is 0: the pods would hold GPUs no replica uses" $kind $k.group.gpusPerPod $kind) -}}
 {{- end -}}
+{{- if and $k.disk_cache_dir (not $k.group.diskCacheVolume) -}}
+{{- fail (printf "%s.disk_cache_dir is set but %s.group.diskCacheVolume is not: the context cache needs a volume" $kind $kind) -}}
+{{- end -}}
 {{- if $.Values.planner.enabled -}}
 {{- $b := index $.Values.planner $kind -}}
 {{- if or (gt (int $b.minReplicas) (int $k.replicas)) (lt (int $b.maxReplicas) (int $k.replicas)) -}}
@@ -179,6 +210,10 @@ applications:
 {{- end -}}
 {{- if and .Values.model.fetch.enabled (eq .Values.model.volume.type "none") -}}
 {{- fail "model.fetch.enabled needs a model volume to fill (model.volume.type: pvc, hostPath or emptyDir)" -}}
+{{- end -}}
+{{- $mount := trimSuffix "/" .Values.model.volume.mountPath -}}
+{{- if and .Values.model.fetch.enabled (not (hasPrefix (printf "%s/" $mount) .Values.model.path)) -}}
+{{- fail (printf "model.path (%s) must be under model.volume.mountPath (%s) for model.fetch to fill it" .Values.model.path .Values.model.volume.mountPath) -}}
 {{- end -}}
 {{- $ports := list (int .Values.router.grpc_port) (int .Values.router.http_port) (int .Values.metrics.port) -}}
 {{- if ne (len (uniq $ports)) 3 -}}

@@ -5,6 +5,7 @@ The pod template of a Ray node (head, prefill or decode group). Argument: dict
   "spec" VALUES       .Values.head, or .Values.prefill.group / .Values.decode.group
   "gpus" N            nvidia.com/gpu per pod (0 for the head)
   "ranksPerPod" N     (workers) expert-parallel ranks a pod holds, read by the planner
+  "diskCacheDir" DIR  (workers) the context cache's folder, when the kind has one
 */}}
 {{- define "dsaserve.rayPodTemplate" -}}
 {{- $root := .root -}}
@@ -142,6 +143,12 @@ spec:
         {{- if ne $v.model.volume.type "none" }}
         - {name: model, mountPath: {{ $v.model.volume.mountPath }}, readOnly: true}
         {{- end }}
+        {{- with .diskCacheDir }}
+        - {name: disk-cache, mountPath: {{ . }}}
+        {{- end }}
+        {{- if and (not $v.redis.enabled) $v.redis.external.tls.secretName }}
+        - {name: redis-tls, mountPath: {{ include "dsaserve.redisTlsDir" $root }}, readOnly: true}
+        {{- end }}
   volumes:
     - name: dshm
       emptyDir: {medium: Memory, sizeLimit: {{ $spec.shmSize }}}
@@ -150,6 +157,20 @@ spec:
     {{- if $v.model.fetch.enabled }}
     - name: fetch-tmp
       emptyDir: {}
+    {{- end }}
+    {{- if .diskCacheDir }}
+    {{- with $spec.diskCacheVolume }}
+    - name: disk-cache
+      {{- if eq .type "hostPath" }}
+      hostPath: {path: {{ .hostPath }}, type: DirectoryOrCreate}
+      {{- else }}
+      emptyDir: {sizeLimit: {{ .sizeLimit }}}
+      {{- end }}
+    {{- end }}
+    {{- end }}
+    {{- if and (not $v.redis.enabled) $v.redis.external.tls.secretName }}
+    - name: redis-tls
+      secret: {secretName: {{ $v.redis.external.tls.secretName }}, defaultMode: 0440}
     {{- end }}
     {{- with $v.model.volume }}
     {{- if eq .type "pvc" }}
