@@ -117,6 +117,8 @@ groups. Argument: the kind's values (.Values.prefill or .Values.decode).
 {{- with .disk_cache_dir -}}
 {{- $_ := set $a "disk_cache_dir" . -}}
 {{- end -}}
+{{- /* One unit of the resource its worker group's pods offer: replicas stay on their own group. */ -}}
+{{- $_ := set $a "resources" (dict (printf "dsaserve_%s" .kind) 1.0) -}}
 {{- toYaml $a -}}
 {{- end -}}
 
@@ -148,8 +150,8 @@ groups. Argument: the kind's values (.Values.prefill or .Values.decode).
 {{- $args := dict "model" $v.model.path "transfer" $v.transfer "router" $router "routing" $routing
       "block_size" (int $v.block_size) "lease_s" (float64 $v.lease_s) "transfer_timeout_s" (float64 $v.transfer_timeout_s)
       "dtype" $v.dtype "app_name" $v.app_name
-      "prefill" (include "dsaserve.workerArgs" $v.prefill | fromYaml)
-      "decode" (include "dsaserve.workerArgs" $v.decode | fromYaml) -}}
+      "prefill" (include "dsaserve.workerArgs" (merge (dict "kind" "prefill") $v.prefill) | fromYaml)
+      "decode" (include "dsaserve.workerArgs" (merge (dict "kind" "decode") $v.decode) | fromYaml) -}}
 {{- with (include "dsaserve.redisUrl" .) -}}
 {{- $_ := set $args "redis_url" . -}}
 {{- $_ := set $args "redis" (include "dsaserve.redisArgs" $ | fromYaml) -}}
