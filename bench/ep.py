@@ -76,7 +76,17 @@ def all_to_all_rows(ep_sizes: list[int], tokens: list[int], reps: int) -> list[l
             procs = [ctx.Process(target=_rank, args=(r, size, port, tokens, origin, reps, queue)) for r in range(size)]
             for p in procs:
                 p.start()
-            by_rank = dict(queue.get(timeout=600) for _ in procs)
+            by_rank = {}
+            while len(by_rank) < size:
+                try:
+                    rank, result = queue.get(timeout=1.0)
+                    by_rank[rank] = result
+                except Exception:  # queue.Empty: is every rank still alive?
+                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if dead:
+                        for p in procs:
+                            p.kill()
+                        raise RuntimeError(f"an ep {size} rank failed (exit codes {dead})") from None
             for p in procs:
                 p.join(60)
             for i, n in enumerate(tokens):

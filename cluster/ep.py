@@ -9,6 +9,10 @@ until rank 0 stops them. So the engine, the KV cache and KV transfer are exactly
   ``dsaserve generate --ep-size N`` runs.
 - ``EPLocalBackend``: ``LocalBackend`` whose model is rank 0 of a ``LocalEPGroup``; it reports
   unhealthy once a rank dies (the request in flight ends with an error, nothing hangs).
+- ``RayEPGroup``: in cluster mode, the Serve replica is rank 0 and ranks 1..N-1 are Ray actors in the
+  bundles 1..N-1 of the replica's placement group (``serve_options`` adds the bundles to the
+  deployment), so Ray places, and removes, a replica's ranks together. Ray is imported lazily: local
+  mode never imports it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ from router.policy import RoutingConfig
 from workers.engine.config import EngineConfig
 from workers.model.config import ModelConfig
 from workers.model.model import DeepseekV32
-from workers.parallel import ExpertParallel, ExpertPlacement, RankSpec, serve_rank, start_rank
+from workers.parallel import (
+    ExpertParallel,
+    ExpertParallelError,
+    ExpertPlacement,
+    RankSpec,
+    run_expert_server,
+    serve_rank,
+    start_rank,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 60.0
@@ -151,3 +163,103 @@ class EPLocalBackend(LocalBackend):
     def close(self) -> None:
         super().close()
         self.ep_group.close()
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+def serve_options(ep_size: int, num_cpus: float, num_gpus: float) -> dict:
+    """Serve deployment options for replicas of ``ep_size`` ranks: one placement-group bundle per
+    rank (bundle 0 is the replica itself), packed onto as few nodes as possible."""
+    if ep_size <= 1:
+        return {}
+    bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+    return {"placement_group_bundles": [dict(bundle) for _ in range(ep_size)], "placement_group_strategy": "PACK"}
+
+
+class _RankActor:
+    """Ray actor of one expert-server rank; ``serve`` runs until rank 0 stops the group."""
+
+    def serve(self, spec: RankSpec) -> None:
+        torch.set_num_threads(spec.torch_threads or 1)
+        run_expert_server(spec)
+
+
+class RayEPGroup:
+    """An EP group inside a Serve replica (which must run in a placement group of ``ep_size`` bundles,
+    see ``serve_options``): this actor is rank 0; ranks 1..N-1 are ``_RankActor``s in bundles 1..N-1.
+
+    Rank-actor death reaches rank 0 as a failed exchange (its sockets close) or, for a hung rank,
+    after ``timeout_s``; ``health_error`` also reports a rank whose ``serve`` call ended.
+    """
+
+    def __init__(self, model_dir: str | Path, ep_size: int, *, num_cpus: float, num_gpus: float = 0,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, dtype: str = "float32", torch_threads: int = 1) -> None:
+        self.model_dir = Path(model_dir)
+        config = ModelConfig.from_hf(self.model_dir)
+        self.placement = ExpertPlacement.contiguous(config.n_routed_experts, ep_size)
+        self.ep_size, self.timeout_s, self.dtype = ep_size, timeout_s, dtype
+        self.num_cpus, self.num_gpus, self.torch_threads = num_cpus, num_gpus, torch_threads
+        self.actors: list = []
+        self._runs: list = []
+        self.model: DeepseekV32 | None = None
+        self.ep: ExpertParallel | None = None
+
+    def start(self) -> "RayEPGroup":
+        import ray
+        from ray.util import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = get_current_placement_group()
+        if pg is None or len(pg.bundle_specs) < self.ep_size:
+            raise ExpertParallelError(
+                f"ep_size {self.ep_size} needs the replica in a placement group of {self.ep_size} bundles "
+                "(deployment option placement_group_bundles; cluster.ep.serve_options)"
+            )
+        address = ray.util.get_node_ip_address()
+        port = free_port(address)
+        specs = [
+            RankSpec(str(self.model_dir), rank, self.ep_size, address, port, self.placement, dtype=self.dtype,
+                     timeout_s=self.timeout_s, torch_threads=self.torch_threads)
+            for rank in range(self.ep_size)
+        ]
+        actor = ray.remote(_RankActor)
+        try:
+            for spec in specs[1:]:
+                strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=spec.rank)
+                handle = actor.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, scheduling_strategy=strategy,
+                                       max_restarts=0).remote()
+                self.actors.append(handle)
+                self._runs.append(handle.serve.remote(spec))
+            self.model, self.ep = start_rank(specs[0])
+        except BaseException:
+            self.close()
+            raise
+        self.ep.start_heartbeat()
+        return self
+
+    def health_error(self) -> str | None:
+        """Why the group cannot serve (a rank's ``serve`` ended, the group broke), or None."""
+        if self.ep is not None and self.ep.error is not None:
+            return self.ep.error
+        if self._runs:
+            import ray
+
+            done, _ = ray.wait(self._runs, num_returns=1, timeout=0)
+            if done:
+                rank = self._runs.index(done[0]) + 1
+                try:
+                    ray.get(done[0])
+                    why = "returned"
+                except Exception as e:  # the actor died, or its group broke
+                    why = f"failed: {str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}"
+                return f"expert-parallel rank {rank} {why}"
+        return None
+
+    def close(self) -> None:
+        if self.ep is not None:
+            self.ep.close()
+        if self.actors:
+            import ray
+
+            ray.wait(self._runs, num_returns=len(self._runs), timeout=5.0)
+            for handle in self.actors:
+                ray.kill(handle)

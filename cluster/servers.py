@@ -64,8 +64,11 @@ class _EngineServer:
     role = "both"
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, transfer: str, torch_threads: int = 1,
-                 transfer_timeout_s: float = 30.0, index: dict | None = None) -> None:
+                 transfer_timeout_s: float = 30.0, index: dict | None = None, ep: dict | None = None) -> None:
+        """``ep``: ``{"ep_size", "timeout_s", "num_cpus", "num_gpus"}`` when a replica spans
+        expert-parallel ranks (``cluster.ep.RayEPGroup``); None or ep_size 1: one process."""
         torch.set_num_threads(torch_threads)
+        self.ep_group = None
         self.worker_id = _replica_id(self.role)
         if engine_config.disk_cache_dir:  # one disk folder per replica
             engine_config = dataclasses.replace(engine_config, disk_cache_dir=str(Path(engine_config.disk_cache_dir) / self.worker_id))
@@ -79,7 +82,14 @@ class _EngineServer:
                 self.worker_id, self.role, lambda: self.engine.block_snapshot(), ttl_s=index.get("ttl_s", 10.0),
             )
             events = {"on_block_event": self.publisher.on_block_event, "on_tier_event": self.publisher.on_tier_event}
-        model = load_model(model_dir)
+        if ep and ep.get("ep_size", 1) > 1:
+            from cluster.ep import RayEPGroup
+
+            self.ep_group = RayEPGroup(model_dir, ep["ep_size"], num_cpus=ep["num_cpus"], num_gpus=ep["num_gpus"],
+                                       timeout_s=ep["timeout_s"], torch_threads=torch_threads).start()
+            model = self.ep_group.model
+        else:
+            model = load_model(model_dir)
         self.engine = Engine(model, engine_config, role=self.role, worker_id=self.worker_id, model_id=model_id,
                              **events, **self._transfer_args(transfer, transfer_timeout_s))
         if self.publisher is not None:
@@ -95,7 +105,12 @@ class _EngineServer:
 
     def stats(self) -> dict:
         indexed = None if self.publisher is None else self.publisher.healthy
-        return {**self.engine.status(), "healthy": self.loop.error is None, "indexed": indexed}
+        return {**self.engine.status(), "healthy": self._health_error() is None, "indexed": indexed}
+
+    def _health_error(self) -> str | None:
+        if self.loop.error is not None:
+            return f"engine loop crashed: {self.loop.error}"
+        return None if self.ep_group is None else self.ep_group.health_error()
 
     def _publish(self) -> None:
         while not self._stop.wait(STATS_PERIOD_S):
@@ -105,9 +120,11 @@ class _EngineServer:
                 pass
 
     def check_health(self) -> None:
-        """Serve's health check: a crashed engine loop marks the replica unhealthy (it is replaced)."""
-        if self.loop.error is not None:
-            raise RuntimeError(f"engine loop crashed: {self.loop.error}")
+        """Serve's health check: a crashed engine loop, or a dead expert-parallel rank, marks the
+        replica unhealthy (it is replaced, its placement group and rank actors with it)."""
+        error = self._health_error()
+        if error is not None:
+            raise RuntimeError(error)
 
     def __del__(self) -> None:
         self._stop.set()

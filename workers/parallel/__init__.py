@@ -11,9 +11,9 @@
 from workers.parallel.expert_parallel import ExpertLoad, ExpertParallel, ExpertParallelMoE, parallelize
 from workers.parallel.group import EPGroup, ExpertParallelError
 from workers.parallel.placement import ExpertPlacement, LayerPlacement, PlacementError
-from workers.parallel.rank import RankSpec, serve_rank, start_rank
+from workers.parallel.rank import RankSpec, run_expert_server, serve_rank, start_rank
 
 __all__ = [
     "EPGroup", "ExpertLoad", "ExpertParallel", "ExpertParallelError", "ExpertParallelMoE", "ExpertPlacement",
-    "LayerPlacement", "PlacementError", "RankSpec", "parallelize", "serve_rank", "start_rank",
+    "LayerPlacement", "PlacementError", "RankSpec", "parallelize", "run_expert_server", "serve_rank", "start_rank",
 ]

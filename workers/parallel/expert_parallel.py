@@ -101,7 +101,7 @@ class ExpertParallelMoE:
         back = self.owner.exchange(self.layer, x[order // k], counts)
         y = torch.empty_like(back)
         y[order] = back
-        y = y.view(n, k, -1)
+        y = y.view(n, k, x.shape[-1])
         # Sum in ascending expert order from zero, as MoE.routed does: the same float32 additions.
         out = torch.zeros(n, x.shape[-1], dtype=torch.float32, device=x.device)
         rows = torch.arange(n, device=x.device)

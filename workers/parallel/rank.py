@@ -63,21 +63,24 @@ def start_rank(spec: RankSpec) -> tuple[DeepseekV32, ExpertParallel]:
     return model, parallelize(model, spec.placement, group)
 
 
-def serve_rank(spec: RankSpec) -> None:
-    """Entry point of an expert-server rank (> 0): start, serve until rank 0 stops, leave.
+def run_expert_server(spec: RankSpec) -> None:
+    """An expert-server rank (> 0): start, serve exchanges until rank 0 stops the group, leave.
 
-    Exits the process with status 1 (and one log line) when the group breaks, e.g. rank 0 died.
+    Raises ExpertParallelError when the group breaks (rank 0 died or hung, a peer vanished).
     """
-    logging.basicConfig(level=logging.INFO, format=f"ep-rank-{spec.rank}: %(message)s")
-    try:
-        _, ep = start_rank(spec)
-    except ExpertParallelError as e:
-        log.error("%s", e)
-        sys.exit(1)
+    _, ep = start_rank(spec)
     try:
         ep.serve()
+    finally:
+        ep.close(stop_servers=False)
+
+
+def serve_rank(spec: RankSpec) -> None:
+    """Process entry point of an expert-server rank (``run_expert_server``): exits with status 1 and
+    one log line when the group breaks, e.g. rank 0 died."""
+    logging.basicConfig(level=logging.INFO, format=f"ep-rank-{spec.rank}: %(message)s")
+    try:
+        run_expert_server(spec)
     except ExpertParallelError as e:
         log.error("%s", e)
         sys.exit(1)
-    finally:
-        ep.close(stop_servers=False)
