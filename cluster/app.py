@@ -21,6 +21,7 @@ from ray.serve.config import RequestRouterConfig, gRPCOptions
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ClusterConfig
+from cluster.ep import serve_options
 from cluster.servers import STATS_BOARD, DecodeServer, PrefillServer, ensure_stats_board
 from kvstore.redis_index import RedisKVIndex
 from kvstore.transfer import TransferError
@@ -196,6 +197,9 @@ class _ServeContext:
         self.grpc_context = grpc_context
         self.out: asyncio.Queue = asyncio.Queue()
 
+    def invocation_metadata(self):
+        return self.grpc_context.invocation_metadata()
+
     def time_remaining(self) -> float | None:
         return None  # Serve's proxy enforces the client's deadline and cancels the call
 
@@ -309,11 +313,15 @@ def build_app(config: ClusterConfig, model_dir: Path):
     router_config = RequestRouterConfig(request_router_class="cluster.request_router.WorkerIdRequestRouter")
 
     def group(cls, name, g):
+        ep = {"ep_size": g.ep_size, "timeout_s": g.ep_timeout_s, "num_cpus": g.num_cpus, "num_gpus": g.num_gpus,
+              "resources": g.resources}
         return serve.deployment(cls, name=name).options(
             num_replicas=g.replicas,
             ray_actor_options={"num_cpus": g.num_cpus, "num_gpus": g.num_gpus, **({"resources": g.resources} if g.resources else {})},
             max_ongoing_requests=max(8, g.max_num_seqs * 2), request_router_config=router_config,
-        ).bind(str(model_dir), g.engine(**common), config.transfer, g.torch_threads, config.transfer_timeout_s, index)
+            **serve_options(g.ep_size, g.num_cpus, g.num_gpus, g.resources),
+        ).bind(str(model_dir), g.engine(**common), config.transfer, g.torch_threads, config.transfer_timeout_s, index,
+               ep if g.ep_size > 1 else None)
 
     prefill = group(PrefillServer, "prefill", config.prefill)
     decode = group(DecodeServer, "decode", config.decode)

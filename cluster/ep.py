@@ -166,17 +166,22 @@ class EPLocalBackend(LocalBackend):
 
 
 # ---------------------------------------------------------------------------------------------- Ray
-def serve_options(ep_size: int, num_cpus: float, num_gpus: float) -> dict:
+def serve_options(ep_size: int, num_cpus: float, num_gpus: float, resources: dict[str, float] | None = None) -> dict:
     """Serve deployment options for replicas of ``ep_size`` ranks: one placement-group bundle per
-    rank (bundle 0 is the replica itself), packed onto as few nodes as possible."""
+    rank (bundle 0 is the replica itself; each holds a rank's CPUs, GPUs and custom resources),
+    packed onto as few nodes as possible."""
     if ep_size <= 1:
         return {}
-    bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+    bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **(resources or {})}
     return {"placement_group_bundles": [dict(bundle) for _ in range(ep_size)], "placement_group_strategy": "PACK"}
 
 
 class _RankActor:
-    """Ray actor of one expert-server rank; ``serve`` runs until rank 0 stops the group."""
+    """Ray actor of one expert-server rank; ``serve`` runs until rank 0 stops the group (two
+    concurrent calls: ``pid`` answers while ``serve`` runs)."""
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def serve(self, spec: RankSpec) -> None:
         torch.set_num_threads(spec.torch_threads or 1)
@@ -192,14 +197,17 @@ class RayEPGroup:
     """
 
     def __init__(self, model_dir: str | Path, ep_size: int, *, num_cpus: float, num_gpus: float = 0,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, dtype: str = "float32", torch_threads: int = 1) -> None:
+                 resources: dict[str, float] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 dtype: str = "float32", torch_threads: int = 1) -> None:
         self.model_dir = Path(model_dir)
         config = ModelConfig.from_hf(self.model_dir)
         self.placement = ExpertPlacement.contiguous(config.n_routed_experts, ep_size)
         self.ep_size, self.timeout_s, self.dtype = ep_size, timeout_s, dtype
         self.num_cpus, self.num_gpus, self.torch_threads = num_cpus, num_gpus, torch_threads
+        self.resources = dict(resources or {})
         self.actors: list = []
         self._runs: list = []
+        self.pids: list[int] = []  # process id of each rank, rank 0 first
         self.model: DeepseekV32 | None = None
         self.ep: ExpertParallel | None = None
 
@@ -225,11 +233,12 @@ class RayEPGroup:
         try:
             for spec in specs[1:]:
                 strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=spec.rank)
-                handle = actor.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, scheduling_strategy=strategy,
-                                       max_restarts=0).remote()
+                handle = actor.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, resources=self.resources,
+                                       scheduling_strategy=strategy, max_restarts=0, max_concurrency=2).remote()
                 self.actors.append(handle)
                 self._runs.append(handle.serve.remote(spec))
             self.model, self.ep = start_rank(specs[0])
+            self.pids = [os.getpid(), *ray.get([a.pid.remote() for a in self.actors], timeout=self.timeout_s)]
         except BaseException:
             self.close()
             raise

@@ -65,7 +65,7 @@ class _EngineServer:
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, transfer: str, torch_threads: int = 1,
                  transfer_timeout_s: float = 30.0, index: dict | None = None, ep: dict | None = None) -> None:
-        """``ep``: ``{"ep_size", "timeout_s", "num_cpus", "num_gpus"}`` when a replica spans
+        """``ep``: ``{"ep_size", "timeout_s", "num_cpus", "num_gpus", "resources"}`` when a replica spans
         expert-parallel ranks (``cluster.ep.RayEPGroup``); None or ep_size 1: one process."""
         torch.set_num_threads(torch_threads)
         self.ep_group = None
@@ -86,7 +86,8 @@ class _EngineServer:
             from cluster.ep import RayEPGroup
 
             self.ep_group = RayEPGroup(model_dir, ep["ep_size"], num_cpus=ep["num_cpus"], num_gpus=ep["num_gpus"],
-                                       timeout_s=ep["timeout_s"], torch_threads=torch_threads).start()
+                                       resources=ep.get("resources"), timeout_s=ep["timeout_s"],
+                                       torch_threads=torch_threads).start()
             model = self.ep_group.model
         else:
             model = load_model(model_dir)
@@ -105,7 +106,9 @@ class _EngineServer:
 
     def stats(self) -> dict:
         indexed = None if self.publisher is None else self.publisher.healthy
-        return {**self.engine.status(), "healthy": self._health_error() is None, "indexed": indexed}
+        ep = {} if self.ep_group is None or self.ep_group.ep is None else {
+            "ep": {**self.ep_group.ep.stats(load=False), "pids": self.ep_group.pids}}
+        return {**self.engine.status(), "healthy": self._health_error() is None, "indexed": indexed, **ep}
 
     def _health_error(self) -> str | None:
         if self.loop.error is not None:

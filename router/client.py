@@ -14,6 +14,7 @@ raises ``DsaServeError`` with the gRPC code, the offending field and the message
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -139,9 +140,11 @@ class Client:
     """Blocking client over one channel. ``timeout`` (seconds) is every call's deadline unless a call
     passes its own."""
 
-    def __init__(self, address: str, *, timeout: float | None = None) -> None:
+    def __init__(self, address: str, *, timeout: float | None = None, api_key: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        key = api_key if api_key is not None else os.environ.get("DSASERVE_API_KEY")
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else None
         self._channel = grpc.insecure_channel(address)
         self._stub = pb_grpc.DsaServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -162,7 +165,7 @@ class Client:
     ) -> Iterator[BatchResult]:
         """Results of many requests, in completion order (match them by ``request_id``)."""
         feed = _BatchFeed()
-        call = self._stub.GenerateBatch(feed.messages(requests), timeout=timeout or self.timeout)
+        call = self._stub.GenerateBatch(feed.messages(requests), timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             for r in call:
                 yield from feed.drain()
@@ -200,7 +203,7 @@ class Client:
 
     def _stream(self, prompt: str | None, stream: bool, timeout: float | None, kwargs: dict) -> Iterator[Delta]:
         msg = wire.request_to_proto(make_request(prompt, **kwargs), stream=stream)
-        call = self._stub.Generate(msg, timeout=timeout or self.timeout)
+        call = self._stub.Generate(msg, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             for r in call:
                 yield wire.delta_from_proto(r)
@@ -211,7 +214,7 @@ class Client:
 
     def _unary(self, method: Any, msg: Any) -> Any:
         try:
-            return method(msg, timeout=self.timeout)
+            return method(msg, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise DsaServeError.from_rpc_error(e) from None
 
@@ -219,9 +222,11 @@ class Client:
 class AsyncClient:
     """The asyncio twin of ``Client`` (same methods, awaited; streams are async iterators)."""
 
-    def __init__(self, address: str, *, timeout: float | None = None) -> None:
+    def __init__(self, address: str, *, timeout: float | None = None, api_key: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        key = api_key if api_key is not None else os.environ.get("DSASERVE_API_KEY")
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else None
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = pb_grpc.DsaServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -243,7 +248,7 @@ class AsyncClient:
     ) -> AsyncIterator[BatchResult]:
         feed = _BatchFeed()
         messages = feed.amessages(requests) if isinstance(requests, AsyncIterable) else feed.messages(requests)
-        call = self._stub.GenerateBatch(messages, timeout=timeout or self.timeout)
+        call = self._stub.GenerateBatch(messages, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             async for r in call:
                 for rejected in feed.drain():
@@ -285,7 +290,7 @@ class AsyncClient:
         self, prompt: str | None, stream: bool, timeout: float | None, kwargs: dict
     ) -> AsyncIterator[Delta]:
         msg = wire.request_to_proto(make_request(prompt, **kwargs), stream=stream)
-        call = self._stub.Generate(msg, timeout=timeout or self.timeout)
+        call = self._stub.Generate(msg, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             async for r in call:
                 yield wire.delta_from_proto(r)
@@ -296,6 +301,6 @@ class AsyncClient:
 
     async def _unary(self, method: Any, msg: Any) -> Any:
         try:
-            return await method(msg, timeout=self.timeout)
+            return await method(msg, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise DsaServeError.from_rpc_error(e) from None

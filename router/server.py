@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -66,11 +67,23 @@ class DsaServeServicer(pb_grpc.DsaServeServicer):
     """Implements the RPCs on a ``Frontend``; ``batch_concurrency`` bounds one GenerateBatch call's
     requests in flight (and its buffered responses)."""
 
-    def __init__(self, frontend: Frontend, *, batch_concurrency: int = DEFAULT_BATCH_CONCURRENCY) -> None:
+    def __init__(self, frontend: Frontend, *, batch_concurrency: int = DEFAULT_BATCH_CONCURRENCY,
+                 api_keys: frozenset[str] | None = None) -> None:
         self.frontend = frontend
         self.batch_concurrency = batch_concurrency
+        # Clients send "authorization: Bearer KEY" when keys are configured ($DSASERVE_API_KEYS).
+        self.api_keys = api_keys if api_keys is not None else api_keys_from_env()
+
+    async def _authorize(self, context) -> None:
+        if not self.api_keys:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        token = metadata.get("authorization", "").removeprefix("Bearer ").strip()
+        if token not in self.api_keys:
+            await _abort(context, wire.ErrorInfo("UNAUTHENTICATED", "missing or unknown API key (metadata authorization: Bearer KEY)"))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        await self._authorize(context)
         req = wire.request_from_proto(request)
         try:
             async with asyncio.timeout(context.time_remaining()):
@@ -92,6 +105,7 @@ class DsaServeServicer(pb_grpc.DsaServeServicer):
     async def GenerateBatch(
         self, request_iterator: AsyncIterator[pb.GenerateRequest], context: grpc.aio.ServicerContext
     ) -> None:
+        await self._authorize(context)
         # Bounded both ways: at most `batch_concurrency` requests run, and a finished one holds its
         # slot until its response is queued, so a client that stops reading stops the intake.
         results: asyncio.Queue[pb.GenerateResponse | BaseException | None] = asyncio.Queue(self.batch_concurrency)
@@ -136,6 +150,7 @@ class DsaServeServicer(pb_grpc.DsaServeServicer):
             await _abort(context, error.info)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        await self._authorize(context)
         add_bos = request.add_bos if request.HasField("add_bos") else None
         try:
             ids = self.frontend.tokenize(request.text, add_bos=add_bos)
@@ -146,9 +161,11 @@ class DsaServeServicer(pb_grpc.DsaServeServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        await self._authorize(context)
         return pb.ListModelsResponse(models=[wire.model_to_proto(self.frontend.info)])
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        await self._authorize(context)
         # Cluster backends gather stats over the network: off the event loop.
         return wire.status_to_proto(await asyncio.to_thread(self.frontend.backend.stats))
 
@@ -203,6 +220,12 @@ async def start_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     _PORTS[server] = bound
     return server
+
+
+def api_keys_from_env() -> frozenset[str]:
+    """API keys from ``$DSASERVE_API_KEYS`` (comma or newline separated); empty: no authentication."""
+    raw = os.environ.get("DSASERVE_API_KEYS", "")
+    return frozenset(k.strip() for k in raw.replace("\n", ",").split(",") if k.strip())
 
 
 def server_port(server: grpc.aio.Server) -> int:

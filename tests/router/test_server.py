@@ -190,3 +190,23 @@ def test_cancelled_stream_frees_the_request(client: Client, server: ServerThread
     next(stream)
     stream.close()
     wait_idle(server)
+
+
+def test_api_key_round_trip(tiny_dir, monkeypatch) -> None:
+    """With $DSASERVE_API_KEYS set, calls without the key get UNAUTHENTICATED; with it, they work."""
+    from cluster.local import LocalBackend
+    from workers.engine.config import EngineConfig
+
+    monkeypatch.setenv("DSASERVE_API_KEYS", "secret-1, secret-2")
+    with LocalBackend.start(tiny_dir, engine_config=EngineConfig(num_blocks=16, max_model_len=256)) as backend:
+        srv = ServerThread(backend, Tokenizer.load(tiny_dir))
+        try:
+            with Client(srv.address, timeout=30) as anonymous:
+                with pytest.raises(DsaServeError) as err:
+                    anonymous.list_models()
+                assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+            with Client(srv.address, timeout=30, api_key="secret-2") as client:
+                assert client.list_models()[0].vocab_size == 129280
+                assert len(client.generate(prompt_ids=[5, 6, 7], max_tokens=2).token_ids) == 2
+        finally:
+            srv.stop()

@@ -251,15 +251,17 @@ class ExpertParallel:
                 pass
         self.group.close()
 
-    def stats(self) -> dict:
-        """JSON-able: size, health, traffic, per-layer expert load."""
+    def stats(self, *, load: bool = True) -> dict:
+        """JSON-able: size, health, traffic, and (``load``) the per-layer expert load."""
         t = self.group.traffic
-        return {
+        out = {
             "ep_size": self.group.size, "rank": self.group.rank, "healthy": self.group.healthy,
             "error": self.group.error, "collectives": t.collectives, "bytes_sent": t.bytes_sent,
             "collective_s": round(t.seconds, 6),
-            "expert_load": {str(layer): c.tolist() for layer, c in self.load.counts().items()},
         }
+        if load:
+            out["expert_load"] = {str(layer): c.tolist() for layer, c in self.load.counts().items()}
+        return out
 
 
 def parallelize(model: DeepseekV32, placement: ExpertPlacement, group: EPGroup) -> ExpertParallel:
