@@ -75,7 +75,7 @@ def print_header(title: str) -> None:
     info = machine_info()
     print(f"## {title}\n")
     print(f"command: `{command_line()}`  ")
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()) + f"  ")
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()) + "  ")
     print(f"load average at start: {load_average()}\n", flush=True)
 
 

@@ -157,7 +157,7 @@ def main() -> None:
     print(C.markdown_table(
         ["Zipf s", "hottest expert / mean", "ep", "contiguous", "balanced, no redundancy", "balanced + ep redundant"],
         balance_rows(skews, eps, layers, n)))
-    C.print_footer()
+    print(f"\nload average at end: {C.load_average()}")
 
 
 if __name__ == "__main__":

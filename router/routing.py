@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from kvstore.hashing import block_hashes
 from kvstore.index import IndexUnavailable, KVIndex
-from router.policy import DecodeCandidate, PrefillCandidate, RouteDecision, RouteRequest, RoutingPolicy
+from router.backend import BackendUnavailable
+from router.policy import DecodeCandidate, NoCandidates, PrefillCandidate, RouteDecision, RouteRequest, RoutingPolicy
 from workers.engine.types import GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,11 @@ class CacheAwareRouting:
             )
             for w in live if w["role"] in ("decode", "both")
         ]
-        return self.policy.route(RouteRequest(len(req.prompt_token_ids), self.block_size, req.params.max_tokens),
-                                 prefill, decode)
+        try:
+            return self.policy.route(RouteRequest(len(req.prompt_token_ids), self.block_size, req.params.max_tokens),
+                                     prefill, decode)
+        except NoCandidates as e:  # every worker of a kind is down: the client should retry later
+            raise BackendUnavailable(str(e)) from e
 
     def assign(self, worker_id: str | None, tokens: int) -> None:
         if worker_id is not None:

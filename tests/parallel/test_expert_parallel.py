@@ -78,28 +78,34 @@ def test_expert_parallel_matches_one_device(case, tiny_ckpt, reference):
         assert stats["ep"]["bytes_sent"] > 0
 
 
-def test_rank_killed_mid_request_ends_it_with_an_error(tiny_ckpt):
-    timeout_s = 10.0
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_rank_lost_mid_request_ends_it_with_an_error(tiny_ckpt, how):
+    """killed: its sockets close, the exchange fails at once; hung (SIGSTOP): after the timeout."""
+    timeout_s = 4.0
     with EPLocalBackend.start(tiny_ckpt, ep_size=2, engine_config=EngineConfig(num_blocks=64), timeout_s=timeout_s) as be:
-        killed_at = None
+        victim = be.ep_group.pids[0]
+        lost_at = None
 
         async def run():
-            nonlocal killed_at
+            nonlocal lost_at
             outs = []
             async for out in be.generate(_greedy("long", prompt(12, seed=5), 1000)):
                 outs.append(out)
-                if len(outs) == 3:  # decoding: kill the expert server
-                    os.kill(be.ep_group.pids[0], signal.SIGKILL)
-                    killed_at = time.monotonic()
+                if len(outs) == 3:  # decoding: take the expert server away
+                    os.kill(victim, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+                    lost_at = time.monotonic()
             return outs
 
-        outs = asyncio.run(asyncio.wait_for(run(), timeout_s + 30))
-        elapsed = time.monotonic() - killed_at
+        try:
+            outs = asyncio.run(asyncio.wait_for(run(), timeout_s + 30))
+            elapsed = time.monotonic() - lost_at
+        finally:
+            os.kill(victim, signal.SIGKILL)
         last = outs[-1]
         assert last.finished and last.finish_reason == "error"
         assert "expert-parallel rank" in last.error and "died or hung" in last.error
         assert sum(len(o.new_token_ids) for o in outs) < 1000
-        assert elapsed < timeout_s
+        assert elapsed < (timeout_s if how == "killed" else timeout_s + 3.0)
         stats = be.stats()
         assert not stats["ep"]["healthy"] and not any(w["healthy"] for w in stats["workers"])
         with pytest.raises(BackendUnavailable, match="expert-parallel|engine loop"):

@@ -118,7 +118,8 @@ class ExpertParallelMoE:
         if rows.shape[0] == 0:
             return out
         width = counts.shape[1]
-        slot_of_row = torch.repeat_interleave(torch.arange(width, device=rows.device).repeat(counts.shape[0]), counts.flatten())
+        slots = torch.arange(width, device=rows.device).repeat(counts.shape[0])
+        slot_of_row = torch.repeat_interleave(slots, counts.flatten().to(rows.device))
         for s, n in enumerate(counts.sum(0).tolist()):
             if n == 0:
                 continue
@@ -193,7 +194,7 @@ class ExpertParallel:
             except Exception as e:  # gloo/NCCL: a peer closed its sockets or timed out; or a local bug
                 raise group.fail(
                     f"expert-parallel rank {group.rank}/{group.size}: exchange failed ({_first_line(e)}); an EP rank "
-                    f"died or hung, this replica cannot run forwards"
+                    f"died or hung (or failed), this replica cannot run forwards"
                 ) from None
 
     def _resolve(self, op: int, ops: list[int]) -> int:

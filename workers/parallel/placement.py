@@ -74,6 +74,19 @@ class LayerPlacement:
         slot = torch.tensor([[r[min(j, len(r) - 1)][1] for j in range(width)] for r in reps], dtype=torch.long)
         return count, rank, slot
 
+    def __getstate__(self) -> dict:
+        return {"n_experts": self.n_experts, "rank_experts": self.rank_experts}  # not the cached tables
+
+    @cached_property
+    def _device_tables(self) -> dict[torch.device, tuple[torch.Tensor, ...]]:
+        return {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The tables on ``device``, copied there once (no host→device copy per forward)."""
+        if device not in self._device_tables:
+            self._device_tables[device] = tuple(t.to(device) for t in self._tables)
+        return self._device_tables[device]
+
     def route(self, ids: torch.Tensor, src_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Where each (token, expert) assignment goes: ids Long [N, k] → (rank, local slot), Long [N·k]
         each, in ``ids.flatten()`` order.
@@ -82,7 +95,7 @@ class LayerPlacement:
         ``(j + src_rank) mod c``: an even split, the same on every run, and offset per source rank so
         that many sources do not all start on the first replica.
         """
-        count, rank, slot = (t.to(ids.device) for t in self._tables)
+        count, rank, slot = self._on(ids.device)
         flat = ids.flatten()
         if rank.shape[1] == 1:
             return rank[flat, 0], slot[flat, 0]

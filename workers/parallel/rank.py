@@ -36,7 +36,7 @@ class RankSpec:
     placement: ExpertPlacement
     dtype: str = "float32"
     device: str = "cpu"
-    backend: str = "gloo"
+    backend: str | None = None  # None: NCCL for a CUDA device, gloo otherwise
     timeout_s: float = 60.0
     load_mtp: bool = False
     torch_threads: int | None = None
@@ -59,7 +59,7 @@ def start_rank(spec: RankSpec) -> tuple[DeepseekV32, ExpertParallel]:
     model = load_model(spec.model_dir, dtype=DTYPES[spec.dtype], device=spec.device, load_mtp=spec.load_mtp,
                        experts=spec.placement.holds(spec.rank))
     group = EPGroup.init(spec.rank, spec.size, spec.address, spec.port, timeout_s=spec.timeout_s,
-                         backend=spec.backend, device=spec.device)
+                         backend=spec.backend or ("nccl" if spec.device.startswith("cuda") else "gloo"), device=spec.device)
     return model, parallelize(model, spec.placement, group)
 
 
