@@ -35,9 +35,14 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads for both systems")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size (default: the real one)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers side")
+    p.add_argument("--max-quiet-wait", type=float, default=None,
+                   help="seconds to wait for an idle machine before each timed repetition (default 45, --quick 2)")
     if extra is not None:
         extra(p)
-    return p.parse_args()
+    args = p.parse_args()
+    global QUIET_MAX_WAIT_S
+    QUIET_MAX_WAIT_S = args.max_quiet_wait if args.max_quiet_wait is not None else (2.0 if args.quick else 45.0)
+    return args
 
 
 def command_line() -> str:
@@ -97,13 +102,14 @@ def cpu_idle(window_s: float = 0.5) -> float:
 
 
 QUIET_LOG: list[float] = []
+QUIET_MAX_WAIT_S = 45.0  # --quick lowers it
 
 
-def wait_quiet(max_wait_s: float = 45.0, threshold: float = 0.8) -> float:
+def wait_quiet(max_wait_s: float | None = None, threshold: float = 0.8) -> float:
     """Before a timed repetition: wait (at most ``max_wait_s``) until at least ``threshold`` of the
     CPUs are idle. The machine is shared; this lowers, never removes, interference. Records the idle
     fraction seen when the repetition started (see ``quiet_summary``)."""
-    deadline = time.monotonic() + max_wait_s
+    deadline = time.monotonic() + (QUIET_MAX_WAIT_S if max_wait_s is None else max_wait_s)
     idle = cpu_idle()
     while idle < threshold and time.monotonic() < deadline:
         idle = cpu_idle()
