@@ -131,20 +131,29 @@ class Indexer(nn.Module):
         """Score and select top-k slab by slab: never holds more than one slab of query rows'
         scores, so a 32K-token chunked prefill stays in O(slab · T) memory.
 
-        Same arguments and result as ``select_topk(Indexer.scores(q, w, keys), q_pos, k_pos, k)``.
+        Same arguments and result as ``select_topk(Indexer.scores(q, w, keys), q_pos, k_pos, k)``
+        (the reference), given key positions that do not decrease along T (true of every cache
+        here): a slab then scores only the keys up to its last query's position.
         """
-        kd = keys.dequantize()
+        kd_t = keys.dequantize().transpose(1, 2).unsqueeze(1)  # [B, 1, D, T]
         b, s, h, _ = q.shape
-        t = kd.shape[1]
+        t = kd_t.shape[-1]
+        kk = min(k, t)
         step = max(1, _SCORE_BUDGET // max(1, b * h * t))
-        idx_parts, valid_parts = [], []
+        idx = torch.zeros(b, s, kk, dtype=torch.long, device=q.device)
+        valid = torch.zeros(b, s, kk, dtype=torch.bool, device=q.device)
         for lo in range(0, s, step):
             hi = min(s, lo + step)
-            slab = Indexer.scores(q[:, lo:hi], w[:, lo:hi], IndexKeys(kd, torch.ones_like(kd[..., 0])))
-            idx, valid = select_topk(slab, q_pos[:, lo:hi], k_pos, k)
-            idx_parts.append(idx)
-            valid_parts.append(valid)
-        return torch.cat(idx_parts, dim=1), torch.cat(valid_parts, dim=1)
+            # Causality: keys past the slab's last query position are invisible to all of it.
+            t_hi = max(1, int((k_pos <= q_pos[:, lo:hi].max()).sum(dim=1).max()))
+            # [B, s', H, T'] in matmul layout (no permuted copy), ReLU in place, then the head-weighted
+            # sum as one batched matmul: [B, s', 1, H] @ [B, s', H, T'].
+            logits = torch.matmul(q[:, lo:hi], kd_t[..., :t_hi]).relu_()
+            slab = torch.matmul(w[:, lo:hi].unsqueeze(2), logits).squeeze(2)
+            part_idx, part_valid = select_topk(slab, q_pos[:, lo:hi], k_pos[:, :t_hi], k)
+            idx[:, lo:hi, : part_idx.shape[-1]] = part_idx
+            valid[:, lo:hi, : part_valid.shape[-1]] = part_valid
+        return idx, valid
 
 
 def select_topk(
