@@ -157,7 +157,8 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF ``config.json`` dict (what ``dsaserve model init`` writes)."""
-        out: dict[str, Any] = {"architectures": ["DeepseekV32ForCausalLM"]}
+        # num_key_value_heads: MLA has none, but transformers reads it (DeepSeek's configs carry it too).
+        out: dict[str, Any] = {"architectures": ["DeepseekV32ForCausalLM"], "num_key_value_heads": self.num_attention_heads}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "rope_scaling":
