@@ -20,6 +20,7 @@ from typing import Any
 from workers.model.config import ConfigError, ModelConfig
 from workers.model.names import SCALE_SUFFIX, hf_to_internal
 from workers.model.shards import FP8_DTYPE_NAME, CheckpointError, TensorInfo, checkpoint_tensors
+from cluster.cli_args import positive_int
 
 KV_DTYPE_BYTES = {"bfloat16": 2, "float32": 4, "float8": 1}
 INDEXER_FP8_SCALE_BYTES = 4  # one fp32 scale per cached indexer key
@@ -69,7 +70,7 @@ def add_model_commands(commands: Any) -> None:
     init.add_argument("--preset", default="tiny", help="tiny, small, or a HF config FILE.json (default: tiny)")
     init.add_argument("--fp8", action="store_true", help="store projections as block FP8, as DeepSeek ships them")
     init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--max-shard-mb", type=_positive_int, default=1024, help="shard size limit (default: 1024)")
+    init.add_argument("--max-shard-mb", type=positive_int, default=1024, help="shard size limit (default: 1024)")
     init.set_defaults(func=cmd_model_init)
 
     info = sub.add_parser("info", help="config, parameter counts and KV bytes per token (reads headers only)")
@@ -77,13 +78,6 @@ def add_model_commands(commands: Any) -> None:
     info.add_argument("--dtype", choices=sorted(KV_DTYPE_BYTES), default="bfloat16", help="KV cache dtype")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_model_info)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def cmd_model_init(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import sys
 import threading
 from collections.abc import Callable
 from typing import Any
+from cluster.cli_args import non_negative_float, positive_float
 
 
 def register(commands: Any) -> None:
@@ -37,11 +38,11 @@ def register(commands: Any) -> None:
     plan.add_argument("--router", required=True, help="HOST:PORT of the router's gRPC Service")
     plan.add_argument("--prefill-replicas", type=_bounds, default="1:4", metavar="MIN:MAX", help="(default: 1:4)")
     plan.add_argument("--decode-replicas", type=_bounds, default="1:4", metavar="MIN:MAX", help="(default: 1:4)")
-    plan.add_argument("--target-ttft-ms", type=_positive, default=2000.0, help="time-to-first-token target (default: 2000)")
-    plan.add_argument("--cooldown-s", type=_non_negative, default=120.0, help="after a change, before growing again")
-    plan.add_argument("--scale-down-cooldown-s", type=_non_negative, default=600.0, help="after a change, before shrinking")
+    plan.add_argument("--target-ttft-ms", type=positive_float, default=2000.0, help="time-to-first-token target (default: 2000)")
+    plan.add_argument("--cooldown-s", type=non_negative_float, default=120.0, help="after a change, before growing again")
+    plan.add_argument("--scale-down-cooldown-s", type=non_negative_float, default=600.0, help="after a change, before shrinking")
     plan.add_argument("--max-total-gpus", type=int, default=None, help="GPU budget of prefill + decode together")
-    plan.add_argument("--interval-s", type=_positive, default=15.0, help="seconds between observations (default: 15)")
+    plan.add_argument("--interval-s", type=positive_float, default=15.0, help="seconds between observations (default: 15)")
     plan.add_argument("--no-probe", action="store_true", help="no TTFT probe request (queue and load signals only)")
     plan.add_argument("--once", action="store_true", help="one observation and decision, then exit")
     plan.add_argument("--dry-run", action="store_true", help="decide and print, never patch")
@@ -63,20 +64,6 @@ def _bounds(text: str):
         return Bounds(low, high)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected MIN:MAX with 1 <= MIN <= MAX, got {text!r} ({e})") from None
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _k8s_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

@@ -22,10 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cluster.cli_args import id_list, port, positive_int
 from router.backend import AdmissionError, BackendUnavailable
 from workers.engine.types import RequestError
-from workers.model.shards import CheckpointError
 from workers.model.config import ConfigError
+from workers.model.shards import CheckpointError
 
 
 def register(commands: Any) -> None:
@@ -33,13 +34,13 @@ def register(commands: Any) -> None:
     local = commands.add_parser("local", help="serve the gRPC API from one process (no Ray, no Redis)")
     _add_model_arg(local)
     local.add_argument("--host", default="127.0.0.1")
-    local.add_argument("--port", type=_port, default=50051, help="0 picks a free port (default: 50051)")
+    local.add_argument("--port", type=port, default=50051, help="0 picks a free port (default: 50051)")
     local.set_defaults(func=cmd_local)
 
     generate = commands.add_parser("generate", help="run one request offline, in process")
     _add_model_arg(generate)
     _add_request_args(generate)
-    generate.add_argument("--ep-size", type=_positive_int, default=1,
+    generate.add_argument("--ep-size", type=positive_int, default=1,
                           help="expert parallelism: N local processes share the routed experts (default: 1)")
     generate.set_defaults(func=cmd_generate)
 
@@ -55,7 +56,7 @@ def register(commands: Any) -> None:
     _add_model_arg(batch)
     batch.add_argument("--input", type=Path, required=True, help="JSONL: one request object per line")
     batch.add_argument("--output", type=Path, required=True, help="JSONL results, appended; reruns skip done ids")
-    batch.add_argument("--concurrency", type=_positive_int, default=16, help="requests in flight (default: 16)")
+    batch.add_argument("--concurrency", type=positive_int, default=16, help="requests in flight (default: 16)")
     batch.set_defaults(func=cmd_batch)
 
 
@@ -187,14 +188,14 @@ def _add_model_arg(parser: argparse.ArgumentParser) -> None:
 def _add_request_args(parser: argparse.ArgumentParser) -> None:
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text prompt (needs the checkpoint's tokenizer)")
-    prompt.add_argument("--prompt-ids", type=_id_list, help="token-id prompt, comma separated: 0,42,7")
+    prompt.add_argument("--prompt-ids", type=id_list, help="token-id prompt, comma separated: 0,42,7")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate at most (default: 16)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--stop-token-ids", type=_id_list, default=(), help="comma separated")
+    parser.add_argument("--stop-token-ids", type=id_list, default=(), help="comma separated")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sentence token")
     parser.add_argument("--logprobs", type=int, default=None, help="top-n log-probabilities per token")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -225,27 +226,6 @@ def _print_completion(completion: Any, as_json: bool) -> None:
         print(completion.text)
     else:  # no tokenizer: the ids are the output
         print(" ".join(map(str, completion.token_ids)))
-
-
-def _id_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
