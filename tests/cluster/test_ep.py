@@ -93,5 +93,13 @@ def test_killed_rank_actor_fails_the_request_and_the_replica_is_replaced(ep_clus
                 assert time.monotonic() < deadline, "the decode replica was not replaced"
                 time.sleep(2)
     assert out.finish_reason == "length"
-    replaced = next(w for w in _workers(ray) if w["role"] == "decode")
-    assert replaced["id"] != decode["id"] and replaced["healthy"] and victim not in replaced["ep"]["pids"]
+    # The stats board keeps a dead replica's last report for its TTL: wait for the new replica's.
+    deadline = time.monotonic() + 30
+    while True:
+        fresh = [w for w in _workers(ray) if w["role"] == "decode" and w["id"] != decode["id"]]
+        if fresh or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert fresh, "no report from a replacement decode replica"
+    replaced = fresh[0]
+    assert replaced["healthy"] and victim not in replaced["ep"]["pids"]
