@@ -1,10 +1,11 @@
 """Cluster subcommands of the ``dsaserve`` CLI.
 
-    dsaserve serve --config cluster.yaml [--address RAY_ADDRESS]
+    dsaserve serve --config cluster.yaml [--address RAY_ADDRESS] [--dtype auto|float32|bfloat16]
     dsaserve status [--address HOST:PORT] [--json]
 
 ``serve`` starts a local Ray when neither ``--address`` nor ``RAY_ADDRESS`` names a cluster, runs
-until interrupted, and shuts down cleanly. ``status`` works against local mode and cluster mode.
+until interrupted, and shuts down cleanly; ``--dtype`` overrides the config's ``dtype``. ``status``
+works against local mode and cluster mode.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from cluster.cli_serve import _user_errors
+from workers.model.device import DTYPE_CHOICES
 
 
 def register(commands: Any) -> None:
     serve = commands.add_parser("serve", help="run the cluster (Ray Serve) described by a YAML config")
     serve.add_argument("--config", required=True, type=Path, help="cluster YAML (model, prefill, decode, transfer, router)")
     serve.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else start one)")
+    serve.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                       help="weight dtype of the replicas, resolved on each one's machine (default: the config's)")
     serve.set_defaults(func=cmd_serve)
 
     status = commands.add_parser("status", help="workers' load, KV blocks and KV transfer counters")
@@ -42,6 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ClusterConfigError as e:
         raise OSError(str(e)) from None  # reported as one line, exit 2
+    if args.dtype is not None:
+        config = config.model_copy(update={"dtype": args.dtype})
     from cluster import app
 
     address = args.address or os.environ.get("RAY_ADDRESS") or None
@@ -54,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ready = app.wait_ready(handle, config)
         print(
             f"dsaserve: cluster ready, gRPC on {config.router.host}:{config.router.grpc_port} "
-            f"({len(ready['workers'])} workers, KV transfer {config.transfer}; Ctrl-C stops)",
+            f"({len(ready['workers'])} workers, KV transfer {config.transfer}, dtype {config.dtype}; Ctrl-C stops)",
             flush=True,
         )
         stop.wait()

@@ -1,13 +1,15 @@
 """Serving subcommands of the ``dsaserve`` CLI (``register`` adds them to its argparse tree).
 
-    dsaserve local [--model DIR] [--host 127.0.0.1] [--port 50051]
-    dsaserve generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N] [sampling] [--json] [--ep-size N]
+    dsaserve local [--model DIR] [--dtype auto|float32|bfloat16] [--host 127.0.0.1] [--port 50051]
+    dsaserve generate [--model DIR] [--dtype ...] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N] [sampling]
+                      [--json] [--ep-size N]
     dsaserve client generate [--address HOST:PORT] (--prompt ... | --prompt-ids ...) [sampling] [--json]
-    dsaserve batch [--model DIR] --input prompts.jsonl --output results.jsonl [--concurrency N]
+    dsaserve batch [--model DIR] [--dtype ...] --input prompts.jsonl --output results.jsonl [--concurrency N]
 
 ``generate`` runs in process and ``client generate`` through a server; both print the same JSON
 (``Completion.to_json``). Without ``--model`` the embedded tiny model is used. Errors a user can fix
-exit with status 2 and one line.
+exit with status 2 and one line. ``--dtype auto`` (the default) loads the weights in bfloat16 where this
+machine computes it natively, else in float32 (``workers.model.device``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cluster.cli_args import id_list, port, positive_int
 from router.backend import AdmissionError, BackendUnavailable
 from workers.engine.types import RequestError
 from workers.model.config import ConfigError
+from workers.model.device import DTYPE_CHOICES
 from workers.model.shards import CheckpointError
 
 
@@ -88,8 +91,10 @@ async def _serve(args: argparse.Namespace) -> int:
     from cluster.local import LocalBackend
     from router.server import server_port, start_server
     from router.tokenizer import Tokenizer
+    from workers.model.device import dtype_name
 
-    with LocalBackend.start(args.model) as backend:
+    dtype = _dtype(args)
+    with LocalBackend.start(args.model, dtype=dtype) as backend:
         tokenizer = Tokenizer.load(backend.model_dir)
         server = await start_server(backend, tokenizer, args.host, args.port)
         stop = asyncio.Event()
@@ -98,7 +103,7 @@ async def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         info = backend.info()
         print(
-            f"dsaserve: ready on {args.host}:{server_port(server)} (model {info.model_id}, "
+            f"dsaserve: ready on {args.host}:{server_port(server)} (model {info.model_id} in {dtype_name(dtype)}, "
             f"{'text and token ids' if tokenizer else 'token ids only'}; Ctrl-C stops)",
             flush=True,
         )
@@ -115,17 +120,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from router.tokenizer import Tokenizer
 
     req = _request_from_args(args)
+    dtype = _dtype(args)
     if args.ep_size > 1:
         from cluster.ep import EPLocalBackend
         from workers.parallel import ExpertParallelError, PlacementError
 
         try:
-            backend = EPLocalBackend.start(args.model, ep_size=args.ep_size)
+            backend = EPLocalBackend.start(args.model, ep_size=args.ep_size, dtype=dtype)
         except (PlacementError, ExpertParallelError) as e:  # e.g. experts not divisible by --ep-size
             print(f"dsaserve: error: --ep-size {args.ep_size}: {e}", file=sys.stderr)
             return 2
     else:
-        backend = LocalBackend.start(args.model)
+        backend = LocalBackend.start(args.model, dtype=dtype)
     with backend:
         frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
         completion = asyncio.run(frontend.complete(req))
@@ -154,7 +160,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from router.tokenizer import Tokenizer
 
     job = BatchJob.open(args.input, args.output)  # reads and checks the files before loading a model
-    with LocalBackend.start(args.model) as backend:
+    with LocalBackend.start(args.model, dtype=_dtype(args)) as backend:
         frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
         summary = asyncio.run(job.run(frontend, concurrency=args.concurrency))
     print(
@@ -183,6 +189,17 @@ def _add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", type=Path, default=None, help="checkpoint directory (default: the embedded tiny model)"
     )
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto",
+        help="weight dtype; auto = bfloat16 on a CPU with AVX-512-BF16 or AMX, float32 otherwise (default: auto)",
+    )
+
+
+def _dtype(args: argparse.Namespace) -> Any:
+    """The torch dtype ``--dtype`` names on this machine (the model is loaded on the CPU)."""
+    from workers.model.device import resolve_dtype
+
+    return resolve_dtype(args.dtype)
 
 
 def _add_request_args(parser: argparse.ArgumentParser) -> None:

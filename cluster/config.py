@@ -97,7 +97,9 @@ class ClusterConfig(_Strict):
     max_model_len: int | None = Field(None, ge=2, description="cap on prompt + output tokens (none: the model's)")
     lease_s: float = Field(30.0, gt=0, description="how long prefill holds handed-off blocks for a decode worker")
     transfer_timeout_s: float = Field(30.0, gt=0, description="a KV read slower than this fails and falls back")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weight and KV dtype (float32 on CPU)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="weight dtype of prefill and decode replicas; auto: bfloat16 where the replica's machine "
+        "computes it natively (a GPU, a CPU with AVX-512-BF16 or AMX), float32 otherwise (workers/model/device.py)")
     app_name: str = Field("dsaserve", description="Ray Serve application name")
 
 

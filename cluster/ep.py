@@ -144,10 +144,11 @@ class EPLocalBackend(LocalBackend):
     @classmethod
     def start(cls, model_dir: str | Path | None = None, *, ep_size: int = 2, engine_config: EngineConfig | None = None,
               placement: ExpertPlacement | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-              disaggregate: bool = True, routing: RoutingConfig | None = None) -> "EPLocalBackend":
+              disaggregate: bool = True, routing: RoutingConfig | None = None,
+              dtype: torch.dtype = torch.float32) -> "EPLocalBackend":
         path = Path(model_dir) if model_dir is not None else default_model_dir()
         return cls(path, engine_config or EngineConfig(), ep_size=ep_size, placement=placement, timeout_s=timeout_s,
-                   disaggregate=disaggregate, routing=routing)
+                   disaggregate=disaggregate, routing=routing, dtype=dtype)
 
     @property
     def ep(self) -> ExpertParallel:

@@ -59,10 +59,12 @@ class LocalBackend:
     """The ``Backend`` of local mode. Requests run prefill → KV handle → decode across two engines
     (``disaggregate=True``, the default) or wholly on one engine."""
 
-    def __init__(self, model_dir: Path, engine_config: EngineConfig, *, disaggregate: bool = True, dtype=torch.float32,
-                 routing: RoutingConfig | None = None, model: DeepseekV32 | None = None) -> None:
-        """``model``: an already built model to serve (e.g. rank 0 of an expert-parallel group);
-        None loads ``model_dir``."""
+    def __init__(self, model_dir: Path, engine_config: EngineConfig, *, disaggregate: bool = True,
+                 dtype: torch.dtype = torch.float32, routing: RoutingConfig | None = None,
+                 model: DeepseekV32 | None = None) -> None:
+        """``dtype``: the weights' dtype (``workers.model.device.resolve_dtype`` turns a ``--dtype``
+        setting into one). ``model``: an already built model to serve (e.g. rank 0 of an
+        expert-parallel group); None loads ``model_dir``."""
         self.model_dir = model_dir
         self.engine_config = engine_config
         model_id = model_dir.name
@@ -98,9 +100,10 @@ class LocalBackend:
 
     @classmethod
     def start(cls, model_dir: str | Path | None = None, *, engine_config: EngineConfig | None = None,
-              disaggregate: bool = True, routing: RoutingConfig | None = None) -> "LocalBackend":
+              disaggregate: bool = True, routing: RoutingConfig | None = None,
+              dtype: torch.dtype = torch.float32) -> "LocalBackend":
         path = Path(model_dir) if model_dir is not None else default_model_dir()
-        return cls(path, engine_config or EngineConfig(), disaggregate=disaggregate, routing=routing)
+        return cls(path, engine_config or EngineConfig(), disaggregate=disaggregate, routing=routing, dtype=dtype)
 
     def __enter__(self) -> "LocalBackend":
         return self

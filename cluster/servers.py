@@ -26,6 +26,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerError
 from workers.model.checkpoint import load_model
+from workers.model.device import dtype_name, resolve_dtype
 from workers.worker import EngineLoop, EngineWorker
 
 STATS_BOARD = "dsaserve-stats"
@@ -64,10 +65,13 @@ class _EngineServer:
     role = "both"
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, transfer: str, torch_threads: int = 1,
-                 transfer_timeout_s: float = 30.0, index: dict | None = None, ep: dict | None = None) -> None:
+                 transfer_timeout_s: float = 30.0, index: dict | None = None, ep: dict | None = None,
+                 dtype: str = "float32") -> None:
         """``ep``: ``{"ep_size", "timeout_s", "num_cpus", "num_gpus", "resources"}`` when a replica spans
-        expert-parallel ranks (``cluster.ep.RayEPGroup``); None or ep_size 1: one process."""
+        expert-parallel ranks (``cluster.ep.RayEPGroup``); None or ep_size 1: one process.
+        ``dtype``: ``ClusterConfig.dtype``, resolved here, on the machine the replica runs on."""
         torch.set_num_threads(torch_threads)
+        self.dtype = resolve_dtype(dtype)
         self.ep_group = None
         self.worker_id = _replica_id(self.role)
         if engine_config.disk_cache_dir:  # one disk folder per replica
@@ -87,10 +91,10 @@ class _EngineServer:
 
             self.ep_group = RayEPGroup(model_dir, ep["ep_size"], num_cpus=ep["num_cpus"], num_gpus=ep["num_gpus"],
                                        resources=ep.get("resources"), timeout_s=ep["timeout_s"],
-                                       torch_threads=torch_threads).start()
+                                       dtype=dtype_name(self.dtype), torch_threads=torch_threads).start()
             model = self.ep_group.model
         else:
-            model = load_model(model_dir)
+            model = load_model(model_dir, dtype=self.dtype)
         self.engine = Engine(model, engine_config, role=self.role, worker_id=self.worker_id, model_id=model_id,
                              **events, **self._transfer_args(transfer, transfer_timeout_s))
         if self.publisher is not None:

@@ -58,6 +58,7 @@ def start_cluster(tmp: Path, model: Path, transfer: str, *, decode_replicas: int
         "lease_s": 20,
         "transfer_timeout_s": 5,
         "routing": {"local_prefill_max_tokens": 0},  # always disaggregate: these tests measure transfers
+        "dtype": "float32",  # the tests compare tokens with load_model's float32 reference
     }
     for key, value in extra.items():  # nested sections merge, others replace
         config[key] = {**config[key], **value} if isinstance(config.get(key), dict) else value

@@ -40,8 +40,8 @@ def test_generate_and_local_server_match_reference(ckpt, request, tmp_path):
     prompts = {"sparse": prompt(100, seed=21), "dense": prompt(12, seed=22)}
     want = {name: reference_greedy(model, p, N_TOKENS) for name, p in prompts.items()}
     for name, p in prompts.items():
-        out = _cli("generate", "--model", str(path), "--prompt-ids", _ids(p), "--max-tokens", str(N_TOKENS),
-                   "--ignore-eos", "--json")
+        out = _cli("generate", "--model", str(path), "--dtype", "float32", "--prompt-ids", _ids(p),
+                   "--max-tokens", str(N_TOKENS), "--ignore-eos", "--json")
         assert out["token_ids"] == want[name], name
         assert out["finish_reason"] == "length" and out["usage"]["completion_tokens"] == N_TOKENS
         assert out["text"] == ""  # no tokenizer files in this checkpoint: token ids only
@@ -50,7 +50,8 @@ def test_generate_and_local_server_match_reference(ckpt, request, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = (tmp_path / "local.log").open("w+")
-    server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "local", "--model", str(path), "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "local", "--model", str(path), "--dtype", "float32",
+                               "--port", str(port)],
                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 120

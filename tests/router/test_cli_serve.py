@@ -34,7 +34,7 @@ def test_client_generate_json_matches_offline_generate(
     assert CONTRACT <= set(served)
     assert set(served["usage"]) == {"prompt_tokens", "cached_tokens", "completion_tokens"}
     assert len(served["token_ids"]) == 5 and served["finish_reason"] == "length"
-    offline = run_json(capsys, ["generate", "--model", str(tiny_dir), *ARGS])
+    offline = run_json(capsys, ["generate", "--model", str(tiny_dir), "--dtype", "float32", *ARGS])  # as the server
     for key in ("token_ids", "text", "finish_reason"):
         assert offline[key] == served[key]
     assert offline["usage"]["prompt_tokens"] == served["usage"]["prompt_tokens"]
