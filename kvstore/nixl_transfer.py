@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from workers.engine.types import KVHandle
+from kvstore.handle import KVHandle
 
 from .paged import PagedKVStorage
 from .transfer import TransferError

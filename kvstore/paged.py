@@ -1,8 +1,8 @@
 """Paged KV storage: one contiguous byte region per block, holding every layer's entries.
 
 Block b's region is ``[layer 0: latent | index keys | key scales][layer 1: ...]...``, so one block is
-one transfer descriptor. ``PagedKVView`` presents a batch of sequences' block tables to the model
-as its ``KVCache``: writes scatter into slots, sparse attention gathers only selected slots.
+one transfer descriptor. The model reads and writes it through per-layer views
+(``workers.model.step.PagedLayers``), with block tables from the engine.
 """
 
 from __future__ import annotations
@@ -11,9 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from workers.model.cache import EMPTY_POSITION
-from workers.model.indexer import IndexKeys
 
 _ALIGN = 16
 
@@ -104,52 +101,3 @@ class PagedKVStorage:
         if data.shape != (len(block_ids), self.layout.bytes_per_block):
             raise ValueError(f"block data of shape {tuple(data.shape)} does not fit {len(block_ids)} blocks of this layout")
         self.buffer[torch.as_tensor(list(block_ids), dtype=torch.long)] = data.to(self.buffer.device)
-
-
-class PagedKVView:
-    """The model's ``KVCache`` over paged storage for a batch of sequences.
-
-    block_tables: per sequence, its block ids in order; context_lens: per sequence, the tokens its
-    cache holds once this forward has written (positions 0 .. len-1).
-    """
-
-    def __init__(self, storage: PagedKVStorage, block_tables: Sequence[Sequence[int]], context_lens: Sequence[int]) -> None:
-        self.storage = storage
-        self.bs = storage.layout.block_size
-        device = storage.buffer.device
-        width = max(1, max(len(t) for t in block_tables))
-        self.table = torch.zeros(len(block_tables), width, dtype=torch.long, device=device)
-        for row, blocks in enumerate(block_tables):
-            self.table[row, : len(blocks)] = torch.as_tensor(list(blocks), dtype=torch.long)
-        self.lens = torch.as_tensor(list(context_lens), dtype=torch.long, device=device)
-        t = int(self.lens.max())
-        pos = torch.arange(t, device=device).expand(len(block_tables), t)
-        self.key_pos = pos.masked_fill(pos >= self.lens[:, None], EMPTY_POSITION)
-        # Slot → (block, offset) for every position the batch's longest sequence holds.
-        self._blocks = self.table.gather(1, (pos // self.bs).clamp(max=width - 1))
-        self._offsets = pos % self.bs
-
-    def _locate(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions Long [B, ...] → (block ids, offsets) of the same shape."""
-        flat = positions.reshape(positions.shape[0], -1)
-        blocks = self.table.gather(1, flat // self.bs).view_as(positions)
-        return blocks, positions % self.bs
-
-    def write(self, layer: int, positions: torch.Tensor, latent: torch.Tensor, keys: IndexKeys) -> None:
-        blocks, offs = self._locate(positions)
-        st = self.storage
-        st.latent(layer)[blocks, offs] = latent.to(st.layout.latent_dtype)
-        st.index_k(layer)[blocks, offs] = keys.values.to(st.layout.index_dtype)
-        st.index_scale(layer)[blocks, offs] = keys.scale
-
-    def index_keys(self, layer: int) -> tuple[IndexKeys, torch.Tensor]:
-        st = self.storage
-        keys = IndexKeys(st.index_k(layer)[self._blocks, self._offsets], st.index_scale(layer)[self._blocks, self._offsets])
-        return keys, self.key_pos
-
-    def gather_latents(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
-        blocks, offs = self._locate(idx)
-        return self.storage.latent(layer)[blocks, offs]
-
-    def latents(self, layer: int) -> torch.Tensor:
-        return self.storage.latent(layer)[self._blocks, self._offsets]

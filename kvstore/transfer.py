@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from workers.engine.types import KVHandle
+from kvstore.handle import KVHandle
 
 from .paged import PagedKVStorage
 

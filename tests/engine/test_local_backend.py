@@ -87,11 +87,11 @@ def test_cancelled_stream_frees_its_blocks(tiny_ckpt):
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             engines = (be.prefill_engine, be.decode_engine)
-            if all(e.pool.num_free == 32 and not e.scheduler.running and not e._leases for e in engines):
+            if all(e.pool.num_free == 32 and not e.scheduler.running and not len(e.leases) for e in engines):
                 break
             time.sleep(0.02)
         assert be.decode_engine.pool.num_free == 32 and not be.decode_engine.scheduler.running
-        assert be.prefill_engine.pool.num_free == 32 and not be.prefill_engine._leases
+        assert be.prefill_engine.pool.num_free == 32 and not len(be.prefill_engine.leases)
 
 
 def test_request_too_large_for_the_pool_fails_cleanly_and_others_continue(tiny_ckpt):
@@ -142,9 +142,9 @@ def test_failed_kv_transfer_falls_back_to_recompute_with_the_same_tokens(tiny_ck
         assert tokens == want and last.finish_reason == "length"
         assert last.usage.completion_tokens == 8 and last.usage.prompt_tokens == 120
         deadline = time.monotonic() + 5
-        while be.prefill_engine._leases and time.monotonic() < deadline:
+        while len(be.prefill_engine.leases) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not be.prefill_engine._leases  # the holder's lease was released, not leaked
+        assert not len(be.prefill_engine.leases)  # the holder's lease was released, not leaked
 
 
 def test_a_caller_that_vanishes_does_not_stop_the_engine(tiny_ckpt):

@@ -18,15 +18,15 @@ from .conftest import prompt
 def test_crashed_forward_fails_requests_in_flight(tiny_ckpt):
     with LocalBackend.start(tiny_ckpt, engine_config=EngineConfig(num_blocks=64)) as be:
         runner = be.decode_engine.runner
-        real, calls = runner.decode, []
+        real, calls = runner.run, []
 
-        def flaky(seqs):
-            calls.append(len(seqs))
+        def flaky(work, num_decodes, sampled):
+            calls.append(len(work))
             if len(calls) == 3:
                 raise RuntimeError("device lost")
-            return real(seqs)
+            return real(work, num_decodes, sampled)
 
-        runner.decode = flaky
+        runner.run = flaky
 
         async def run(rid):
             outs = []

@@ -233,10 +233,10 @@ def _prefill_main(conn, path, request, name: str) -> None:
         engine.step()
     conn.send(out[0])
     deadline = time.monotonic() + 30
-    while engine._leases and time.monotonic() < deadline:
+    while len(engine.leases) and time.monotonic() < deadline:
         engine.step()
         time.sleep(0.01)
-    conn.send(("leases", sorted(engine._leases), engine.pool.num_free))
+    conn.send(("leases", len(engine.leases), engine.pool.num_free))
     conn.recv()
 
 
@@ -272,7 +272,7 @@ def test_prefill_engine_in_another_process_hands_kv_to_decode(tiny_ckpt):
         assert transfer.stats()["bytes"] == 3 * decode.layout.bytes_per_block
         # The prefill engine dropped the lease on the READ's notification alone (no release call).
         assert conn.poll(30)
-        assert conn.recv() == ("leases", [], 16)
+        assert conn.recv() == ("leases", 0, 16)
         conn.send("stop")
     finally:
         transfer.close()

@@ -87,8 +87,8 @@ def wait_idle(backend: LocalBackend, timeout: float = 10.0) -> None:
             e.pool.num_free == e.config.num_blocks
             and not e.scheduler.running
             and not e.scheduler.waiting
-            and not e._leases
-            and not e._imports
+            and not len(e.leases)
+            and not len(e.importer)
             for e in engines(backend)
         )
 

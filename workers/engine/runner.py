@@ -1,4 +1,4 @@
-"""ModelRunner: turns scheduled work into model forwards over the paged KV storage."""
+"""ModelRunner: turns one scheduled step into one model forward over the paged KV storage."""
 
 from __future__ import annotations
 
@@ -6,17 +6,18 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from kvstore.paged import PagedKVStorage, PagedKVView
+from kvstore.paged import PagedKVStorage
 from workers.model.model import DeepseekV32
+from workers.model.step import StepBatch
 
 from .sequence import Sequence
 
 
 class ModelRunner:
-    """Runs prefill chunks ([1, n] each) and decode batches ([B, 1]) and returns last-token logits.
+    """Runs a step's decode tokens and prefill chunks as one flat batch (``StepBatch``).
 
-    Only the positions that get sampled go through the output head: for a 129K vocabulary the head
-    would otherwise dominate prefill.
+    Only the rows that get sampled go through the output head: for a 129K vocabulary the head would
+    otherwise dominate prefill.
     """
 
     def __init__(self, model: DeepseekV32, storage: PagedKVStorage) -> None:
@@ -25,19 +26,20 @@ class ModelRunner:
         self.device = model.embed.weight.device
 
     @torch.inference_mode()
-    def prefill(self, seq: Sequence, n: int) -> torch.Tensor:
-        """Run tokens ``[num_computed, num_computed + n)`` of ``seq`` → logits float32 [vocab] of the last."""
-        start = seq.num_computed_tokens
-        ids = torch.tensor([seq.token_ids[start : start + n]], device=self.device)
-        positions = torch.arange(start, start + n, device=self.device)[None]
-        view = PagedKVView(self.storage, [seq.block_table], [start + n])
-        hidden = self.model.hidden(ids, positions, view)
-        return self.model.head_logits(hidden[:, -1:])[0, 0]
-
-    @torch.inference_mode()
-    def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:
-        """One new token per sequence (its last) → logits float32 [B, vocab]."""
-        ids = torch.tensor([[s.token_ids[-1]] for s in seqs], device=self.device)
-        positions = torch.tensor([[len(s.token_ids) - 1] for s in seqs], device=self.device)
-        view = PagedKVView(self.storage, [s.block_table for s in seqs], [len(s.token_ids) for s in seqs])
-        return self.model.forward(ids, positions, view)[:, 0]
+    def run(self, work: Seq[tuple[Sequence, int]], num_decodes: int, sampled: Seq[bool]) -> torch.Tensor:
+        """Run tokens ``[num_computed, num_computed + n)`` of each ``(sequence, n)``; the first
+        ``num_decodes`` entries are decodes (n = 1). → float32 logits [sum(sampled), vocab] of the last
+        token of each entry whose ``sampled`` flag is set, in order."""
+        ids: list[int] = []
+        for seq, n in work:
+            ids.extend(seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n])
+        batch = StepBatch.build(
+            [seq.block_table for seq, _ in work], [n for _, n in work],
+            [seq.num_computed_tokens + n for seq, n in work], num_decodes, self.storage.layout.block_size,
+            device=self.device,
+        )
+        hidden = self.model.hidden_step(torch.tensor(ids, device=self.device), self.storage, batch)
+        rows = [batch.query_start[i + 1] - 1 for i, s in enumerate(sampled) if s]
+        if not rows:
+            return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32)
+        return self.model.head_logits(hidden[torch.tensor(rows, device=self.device)])

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kvstore.handle import KVHandle, LayoutFingerprint  # re-exported: the engine's boundary types
+
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
@@ -102,40 +104,6 @@ class RequestOutput:
     logprobs: tuple[TokenLogprob, ...] = ()
     ttft_s: float | None = None
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class LayoutFingerprint:
-    """What must agree for KV blocks to be meaningful on another worker."""
-
-    model_id: str
-    dtype: str
-    index_dtype: str
-    block_size: int
-    hash_version: int
-    num_layers: int
-    bytes_per_block: int
-
-
-@dataclass(frozen=True)
-class KVHandle:
-    """The prefilled KV of one request, held by a prefill worker under a lease until released.
-
-    ``block_ids`` are the holder's block ids (ceil(num_tokens / block_size) of them); ``first_token``
-    is the token sampled after the prompt; ``endpoint`` describes how to read the blocks (a transfer
-    backend's own data: an agent name and metadata, an object ref, or a local pool id).
-    """
-
-    worker_id: str
-    request_id: str
-    block_ids: tuple[int, ...]
-    num_tokens: int
-    first_token: int
-    fingerprint: LayoutFingerprint
-    lease_expires_at: float
-    cached_tokens: int = 0
-    first_logprob: TokenLogprob | None = None
-    endpoint: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

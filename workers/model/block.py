@@ -10,6 +10,7 @@ from .config import ModelConfig
 from .mla import MLA
 from .moe import MLP, MoE
 from .norm import RMSNorm
+from .step import PagedLayers, StepBatch
 
 
 class Block(nn.Module):
@@ -32,6 +33,13 @@ class Block(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), positions, rope, cache, self.layer)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def forward_step(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: PagedLayers, batch: StepBatch
+    ) -> torch.Tensor:
+        """One engine step over a flat batch: x [N, hidden] → [N, hidden]."""
+        x = x + self.attn.forward_step(self.attn_norm(x), rope, cache, batch, self.layer)
         return x + self.ffn(self.ffn_norm(x))
 
 

@@ -24,9 +24,11 @@ from torch import nn
 
 from .cache import KVCache, LocalKV
 from .config import ModelConfig
-from .indexer import Indexer
+from .indexer import Indexer, IndexKeys
 from .norm import RMSNorm
 from .rope import apply_interleaved
+from .step import PagedLayers, StepBatch
+from .step_attention import attend_step, write_step
 
 AttentionImpl = Literal["sparse", "dense"]
 _GATHER_BUDGET = 1 << 25  # float elements of one gathered [B, chunk, K, C] latent slab
@@ -68,13 +70,7 @@ class MLA(nn.Module):
         """
         b, s, _ = x.shape
         cos, sin = rope
-        qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).view(b, s, self.n_heads, self.nope + self.rope)
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = apply_interleaved(q_pe, cos, sin)
-        c_kv, k_pe = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
-        latent = torch.cat((self.kv_norm(c_kv), apply_interleaved(k_pe, cos, sin)), dim=-1)
-        keys = self.indexer.keys(x, cos, sin)
+        qr, q_nope, q_pe, latent, keys = self.project(x, cos, sin)
 
         if cache is None:
             cache = LocalKV(latent, keys, positions)
@@ -96,6 +92,30 @@ class MLA(nn.Module):
         else:
             out = self.attend_sparse(q_nope, q_pe, lambda sel: cache.gather_latents(layer, sel), idx, valid)
         return self.wo(out.flatten(2))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The per-token projections. x: [B, S, hidden], cos/sin [B, S, p/2] → (qr [B, S, q_lora_rank],
+        q_nope [B, S, H, n], roped q_pe [B, S, H, p], latent [B, S, C], indexer keys of [B, S, D])."""
+        b, s, _ = x.shape
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).view(b, s, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_interleaved(q_pe, cos, sin)
+        c_kv, k_pe = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
+        latent = torch.cat((self.kv_norm(c_kv), apply_interleaved(k_pe, cos, sin)), dim=-1)
+        return qr, q_nope, q_pe, latent, self.indexer.keys(x, cos, sin)
+
+    def forward_step(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: PagedLayers, batch: StepBatch, layer: int
+    ) -> torch.Tensor:
+        """One engine step over a flat batch (see ``step.StepBatch``): x [N, hidden], rope (cos, sin)
+        [N, p/2] → [N, hidden]. Writes the N tokens into the paged ``cache`` first."""
+        cos, sin = rope[0][None], rope[1][None]
+        qr, q_nope, q_pe, latent, keys = self.project(x[None], cos, sin)
+        latent = latent[0]
+        write_step(cache, layer, batch, latent, IndexKeys(keys.values[0], keys.scale[0]))
+        out = attend_step(self, cache, layer, batch, q_nope[0], q_pe[0], latent, (x, qr[0], rope[0], rope[1]))
+        return self.wo(out.flatten(1))
 
     def _wkv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, n, r] and W_UV [H, v, r] views of wkv_b."""

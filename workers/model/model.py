@@ -16,6 +16,7 @@ from .indexer import IndexerMode
 from .mla import MLA, AttentionImpl
 from .norm import RMSNorm
 from .rope import YarnRotary
+from .step import PagedLayers, StepBatch
 
 
 class DeepseekV32(nn.Module):
@@ -68,6 +69,15 @@ class DeepseekV32(nn.Module):
         rope = self.rotary.cos_sin(positions, x.dtype)
         for block in self.layers:
             x = block(x, positions, rope, cache)
+        return x
+
+    def hidden_step(self, input_ids: torch.Tensor, cache: PagedLayers, batch: StepBatch) -> torch.Tensor:
+        """One engine step over a flat batch (``step.StepBatch``): input_ids Long [N] → hidden [N, dim]
+        before the final norm. Projections and experts run once over all N tokens."""
+        x = self.embed(input_ids)
+        rope = self.rotary.cos_sin(batch.positions, x.dtype)
+        for block in self.layers:
+            x = block.forward_step(x, rope, cache, batch)
         return x
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ class Gate(nn.Module):
 class MoE(nn.Module):
     """Routed experts plus always-on shared experts. x: [..., dim] → [..., dim].
 
-    The expert loop is the plain reference path: each expert runs on the tokens routed to it.
+    Routed experts run grouped: one GEMM per active expert over its tokens.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -103,13 +103,22 @@ class MoE(nn.Module):
         return out.view(shape)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x: [N, dim], weights float32 [N, k], ids Long [N, k] → Σ_i w_i · E_{ids_i}(x), [N, dim]."""
-        out = torch.zeros_like(x, dtype=torch.float32)
-        counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
+        """x: [N, dim], weights float32 [N, k], ids Long [N, k] → Σ_i w_i · E_{ids_i}(x), [N, dim].
+
+        Tokens are grouped by expert (one stable sort), so each active expert runs one GEMM over a
+        contiguous slice; contributions are summed per token in ascending expert order.
+        """
+        n, k = ids.shape
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        token = order // k
+        xs = x[token]
+        ys = torch.empty_like(xs)
+        start = 0
         for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            token, slot = torch.where(ids == e)
-            y = self.experts[e](x[token]).float() * weights[token, slot, None]
-            out.index_add_(0, token, y)
-        return out.to(x.dtype)
+            if count:
+                ys[start : start + count] = self.experts[e](xs[start : start + count])
+                start += count
+        out = torch.zeros_like(x, dtype=torch.float32)
+        return out.index_add_(0, token, ys.float() * weights.flatten()[order, None]).to(x.dtype)
