@@ -23,7 +23,7 @@ from .rope import apply_neox
 
 IndexerMode = Literal["exact", "fp8"]
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-_SCORE_BUDGET = 1 << 24  # float32 elements of one [slab, heads, T] score slab (64 MiB)
+_SCORE_BUDGET = 1 << 20  # float32 elements of one [slab, heads, T] score slab (4 MiB: stays in cache)
 
 
 class IndexKeys(NamedTuple):
@@ -129,31 +129,65 @@ class Indexer(nn.Module):
         q: torch.Tensor, w: torch.Tensor, keys: IndexKeys, q_pos: torch.Tensor, k_pos: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Score and select top-k slab by slab: never holds more than one slab of query rows'
-        scores, so a 32K-token chunked prefill stays in O(slab · T) memory.
+        scores, so a 128K-token chunked prefill stays in O(slab · T) memory.
 
         Same arguments and result as ``select_topk(Indexer.scores(q, w, keys), q_pos, k_pos, k)``
         (the reference), given key positions that do not decrease along T (true of every cache
-        here): a slab then scores only the keys up to its last query's position.
+        here): a slab then scores only the keys up to its last query's position, and masks only the
+        keys past its first query's position.
         """
-        kd_t = keys.dequantize().transpose(1, 2).unsqueeze(1)  # [B, 1, D, T]
-        b, s, h, _ = q.shape
+        kd_t = keys.dequantize().transpose(1, 2)  # [B, D, T]
+        b, s, h, d = q.shape
         t = kd_t.shape[-1]
         kk = min(k, t)
-        step = max(1, _SCORE_BUDGET // max(1, b * h * t))
+        step = max(1, min(s, _SCORE_BUDGET // max(1, b * h * t)))
         idx = torch.zeros(b, s, kk, dtype=torch.long, device=q.device)
         valid = torch.zeros(b, s, kk, dtype=torch.bool, device=q.device)
         for lo in range(0, s, step):
             hi = min(s, lo + step)
+            qp = q_pos[:, lo:hi]
             # Causality: keys past the slab's last query position are invisible to all of it.
-            t_hi = max(1, int((k_pos <= q_pos[:, lo:hi].max()).sum(dim=1).max()))
-            # [B, s', H, T'] in matmul layout (no permuted copy), ReLU in place, then the head-weighted
-            # sum as one batched matmul: [B, s', 1, H] @ [B, s', H, T'].
-            logits = torch.matmul(q[:, lo:hi], kd_t[..., :t_hi]).relu_()
-            slab = torch.matmul(w[:, lo:hi].unsqueeze(2), logits).squeeze(2)
-            part_idx, part_valid = select_topk(slab, q_pos[:, lo:hi], k_pos[:, :t_hi], k)
+            t_hi = max(1, int((k_pos <= qp.max()).sum(dim=1).max()))
+            # One GEMM with the heads folded into the rows ([B, s'·H, D] @ [B, D, T']), ReLU in place,
+            # then the head-weighted sum as a batched GEMV: [B, s', 1, H] @ [B, s', H, T'].
+            logits = torch.matmul(q[:, lo:hi].reshape(b, (hi - lo) * h, d), kd_t[..., :t_hi])
+            logits = logits.view(b, hi - lo, h, t_hi).relu_()
+            slab = torch.matmul(w[:, lo:hi].unsqueeze(2), logits).squeeze(2)  # [B, s', T']
+            # Keys at or before the slab's first query are visible to every query in it: mask the rest.
+            t_lo = min(t_hi, int((k_pos <= qp.min()).sum(dim=1).min()))
+            kp = k_pos[:, t_lo:t_hi]
+            slab[..., t_lo:].masked_fill_(kp[:, None, :] > qp[:, :, None], -math.inf)
+            part_idx = _topk_earliest_on_ties(slab, k)
             idx[:, lo:hi, : part_idx.shape[-1]] = part_idx
-            valid[:, lo:hi, : part_valid.shape[-1]] = part_valid
+            valid[:, lo:hi, : part_idx.shape[-1]] = _visible(part_idx, qp, k_pos)
         return idx, valid
+
+
+def _visible(idx: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """idx Long [B, S, K] into k_pos [B, T]; q_pos [B, S] → bool [B, S, K]: key visible to its query."""
+    b, s, kk = idx.shape
+    return k_pos.gather(1, idx.reshape(b, s * kk)).view(b, s, kk) <= q_pos[..., None]
+
+
+def _topk_earliest_on_ties(masked: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k indices of masked scores [B, S, T] (invisible keys at -inf) → Long [B, S, min(k, T)].
+
+    Ties at the k-th score (common: every head's ReLU at zero) are broken by the earlier position,
+    so the selection does not depend on how many keys a call sees (full forward vs. decode step).
+    A tie crosses the boundary exactly when the (k+1)-th score equals the k-th; only those rows pay
+    for a stable sort.
+    """
+    t = masked.shape[-1]
+    kk = min(k, t)
+    values, idx = masked.topk(min(kk + 1, t), dim=-1)
+    if kk == t:
+        return idx
+    kth = values[..., kk - 1]
+    tied = torch.isfinite(kth) & (values[..., kk] == kth)
+    idx = idx[..., :kk]
+    if tied.any():
+        idx[tied] = masked[tied].sort(dim=-1, descending=True, stable=True).indices[..., :kk]
+    return idx
 
 
 def select_topk(
@@ -167,14 +201,5 @@ def select_topk(
     """
     visible = k_pos[:, None, :] <= q_pos[:, :, None]
     masked = scores.masked_fill(~visible, -math.inf)
-    kk = min(k, scores.shape[-1])
-    values, idx = masked.topk(kk, dim=-1)
-    # Ties at the k-th score (common: every head's ReLU at zero) are broken by the earlier position,
-    # so the selection does not depend on how many keys a call sees (full forward vs. decode step).
-    # Only rows with such a tie pay for a stable sort.
-    kth = values[..., -1:]
-    tied = torch.isfinite(kth[..., 0]) & ((masked >= kth).sum(dim=-1) > kk)
-    if tied.any():
-        idx[tied] = masked[tied].sort(dim=-1, descending=True, stable=True).indices[..., :kk]
-    valid = visible.gather(-1, idx)
-    return idx, valid
+    idx = _topk_earliest_on_ties(masked, k)
+    return idx, visible.gather(-1, idx)
