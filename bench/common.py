@@ -365,3 +365,93 @@ def op_table(prof, rows: int = 15) -> str:
         [[e.key, str(e.input_shapes)[:70].replace("|", "/"), f"{e.self_cpu_time_total / 1e3:.0f}",
           f"{100 * e.self_cpu_time_total / total:.1f} %", e.count] for e in evts[:rows]],
     )
+
+
+# ---------------------------------------------------------------------------------------------- dtypes, roofline, peers
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where unreadable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def default_dtype_name() -> str:
+    """bfloat16 where the CPU has native bf16 matmul instructions (AVX512-BF16 or AMX-BF16), else float32."""
+    return "bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights/activations dtype (default: bfloat16 if the CPU has avx512_bf16 or amx_bf16, else float32)")
+
+
+def matmul_gflops_dtype(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> list[float]:
+    """``torch.mm`` throughput in ``dtype``, n×n×n, GFLOP/s per repetition (fp32: same as ``matmul_gflops``)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    times = timed(lambda: torch.mm(a, b, out=out), reps, warmup=2)
+    return [2 * n**3 / t / 1e9 for t in times]
+
+
+def copy_gbs(mib: int = 1024, reps: int = 5) -> list[float]:
+    """Memory bandwidth of a large tensor copy into a preallocated tensor (no page faults), GB/s of
+    bytes read + bytes written (the STREAM "copy" convention: a write-allocate cache also reads the
+    destination, which this does not count). ``mib`` per tensor, well above any L3."""
+    n = mib * 2**20 // 4
+    src = torch.ones(n)
+    dst = torch.empty(n)
+    times = timed(lambda: dst.copy_(src), reps, warmup=2)
+    return [2 * n * 4 / t / 1e9 for t in times]
+
+
+def config_checkpoint(config, name: str) -> Path:
+    """A random checkpoint (seed 0, bf16 tensors as ``dsaserve model init`` writes) of any ModelConfig,
+    made once under ``bench_cache() / name``."""
+    from workers.model.writer import random_state_dict, write_checkpoint
+
+    path = bench_cache() / name
+    if (path / "config.json").is_file():
+        return path
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write_checkpoint(tmp, config, random_state_dict(config, seed=SEED))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not (path / "config.json").is_file():
+            raise
+    return path
+
+
+def start_local(path, engine_config=None, *, dtype: torch.dtype = torch.float32, disaggregate: bool = False):
+    """A ``LocalBackend`` serving ``path`` in ``dtype``: through ``LocalBackend.start`` where it takes a
+    dtype, else its constructor (which does)."""
+    import inspect
+
+    from cluster.local import LocalBackend
+    from workers.engine.config import EngineConfig
+
+    engine_config = engine_config or EngineConfig()
+    if "dtype" in inspect.signature(LocalBackend.start).parameters:
+        return LocalBackend.start(path, engine_config=engine_config, disaggregate=disaggregate, dtype=dtype)
+    return LocalBackend(Path(path), engine_config, disaggregate=disaggregate, dtype=dtype)
+
+
+async def stream_tokens(backend, request) -> tuple[list[int], list[float]]:
+    """Run one request on a backend → (its token ids, the perf_counter time each token arrived)."""
+    ids: list[int] = []
+    stamps: list[float] = []
+    async for out in backend.generate(request):
+        if out.error:
+            raise RuntimeError(out.error)
+        now = time.perf_counter()
+        ids.extend(out.new_token_ids)
+        stamps.extend([now] * len(out.new_token_ids))
+    return ids, stamps
