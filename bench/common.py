@@ -272,27 +272,25 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
 # ---------------------------------------------------------------------------------------------- profiling
 # (owner, attribute, label): dsaserve functions wrapped in torch.profiler.record_function by ``instrument``.
 def _targets():
-    from kvstore.paged import PagedKVView
     from workers.engine.runner import ModelRunner
-    from workers.model import indexer, mla, model, moe
+    from workers.model import indexer, mla, model, moe, step_attention
 
     return [
         (indexer.Indexer, "keys", "indexer.keys (wk, LayerNorm, RoPE)"),
         (indexer.Indexer, "queries", "indexer.queries (wq_b, weights_proj)"),
+        (indexer.Indexer, "select", "indexer: scoring + top-k (all slabs)"),
         (indexer, "select_topk", "indexer: mask + top-k + tie sort"),
-        (indexer.Indexer, "scores", "indexer: dense scoring einsums"),
-        (mla.MLA, "attend_sparse", "MLA: sparse attention over top-k"),
+        (mla.MLA, "project", "MLA projections (q, kv latent, index keys)"),
+        (step_attention, "write_step", "paged KV write"),
+        (step_attention, "_decode", "attention: decode rows (batched)"),
+        (step_attention, "_prefill_dense", "attention: dense causal prefill (MHA form)"),
+        (step_attention, "_prefill_sparse", "attention: sparse prefill (indexer + top-k attention)"),
         (moe.MoE, "forward", "MoE layer (router + experts + shared)"),
-        (moe.MoE, "routed", "MoE routed experts loop"),
+        (moe.MoE, "routed", "MoE routed experts (grouped)"),
         (moe.Gate, "forward", "MoE router (gate)"),
-        (PagedKVView, "__init__", "paged view construction"),
-        (PagedKVView, "write", "paged KV write"),
-        (PagedKVView, "index_keys", "paged index-key gather (all T)"),
-        (PagedKVView, "gather_latents", "paged latent gather (top-k)"),
         (model.DeepseekV32, "head_logits", "final norm + lm_head"),
-        (model.DeepseekV32, "hidden", "model.hidden (all layers)"),
-        (ModelRunner, "prefill", "runner.prefill (one chunk)"),
-        (ModelRunner, "decode", "runner.decode (one step)"),
+        (model.DeepseekV32, "hidden_step", "model.hidden_step (all layers)"),
+        (ModelRunner, "run", "runner.run (one step)"),
     ]
 
 
