@@ -1,12 +1,17 @@
 """Named model sizes for random checkpoints (``dsaserve model init --preset``).
 
-Both keep the real vocabulary (129280, the V3 tokenizer) and every structural feature of the 671B
+All keep the real vocabulary (129280, the V3 tokenizer) and every structural feature of the 671B
 release — dense then MoE layers, grouped routing, MLA with a q LoRA, the DSA indexer, YaRN, one MTP layer
 — at sizes that run on a CPU. ``tiny`` is the embedded default model of tests and demos.
+
+``tiny-128k`` is ``tiny``'s widths with V3.2's long-context settings: ``index_topk`` 2048,
+``max_position_embeddings`` 163840 and V3.2's YaRN (factor 40 over 4096 original positions), so a
+131,072-token prompt is a valid request (``bench/long_context.py``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from workers.model.config import ConfigError, ModelConfig, RopeScaling
@@ -65,8 +70,18 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# V3.2's rope_scaling (config.json): YaRN factor 40 over 4096 original positions → 163840.
+V32_ROPE_SCALING = RopeScaling(
+    factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+)
+
+PRESETS["tiny-128k"] = replace(
+    PRESETS["tiny"], index_topk=2048, max_position_embeddings=163840, rope_scaling=V32_ROPE_SCALING,
+)
+
+
 def load_preset(name_or_path: str | Path) -> ModelConfig:
-    """A preset by name (``"tiny"``, ``"small"``) or a HF ``config.json`` file (any ``*.json`` path).
+    """A preset by name (``"tiny"``, ``"small"``, ``"tiny-128k"``) or a HF ``config.json`` file (any ``*.json`` path).
 
     Raises:
         ConfigError: unknown preset (the message lists the presets), or an invalid/missing JSON file.
