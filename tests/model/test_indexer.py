@@ -86,6 +86,20 @@ def test_topk_breaks_ties_by_earlier_position():
     assert idx[0, 0].tolist() == [0, 1, 2, 3, 4] and valid.all()
 
 
+def test_ties_across_the_boundary_keep_the_earliest_positions():
+    """Rows with many equal scores (ReLU zeros), some above: the set is every score above the k-th
+    plus the earliest equal ones, exactly what a stable sort gives."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (3, 40, 300), generator=gen).float()  # heavy ties
+    pos = torch.arange(300)[None].expand(3, 300)
+    q_pos = torch.randint(20, 300, (3, 40), generator=gen)
+    idx, valid = select_topk(scores, q_pos, pos, 16)
+    masked = scores.masked_fill(pos[:, None, :] > q_pos[..., None], float("-inf"))
+    ref = masked.sort(dim=-1, descending=True, stable=True).indices[..., :16]
+    assert torch.equal(idx.sort(dim=-1).values, ref.sort(dim=-1).values)
+    assert torch.equal(valid, torch.ones_like(valid))
+
+
 def test_index_keys_dequantize():
     values, scale = ue8m0_quantize(torch.randn(2, 3, 128))
     keys = IndexKeys(values, scale)
@@ -109,12 +123,13 @@ def test_slabbed_selection_equals_whole_selection(monkeypatch):
     import workers.model.indexer as indexer_mod
 
     torch.manual_seed(3)
-    q, w = torch.randn(1, 50, 4, 16), torch.randn(1, 50, 4)
-    keys = IndexKeys(torch.randn(1, 50, 16), torch.ones(1, 50))
-    pos = torch.arange(50)[None]
+    q, w = torch.randn(1, 150, 4, 16), torch.randn(1, 150, 4)
+    keys = IndexKeys(torch.randn(1, 150, 16), torch.ones(1, 150))
+    pos = torch.arange(150)[None]
     whole = select_topk(Indexer.scores(q, w, keys), pos, pos, 8)
-    monkeypatch.setattr(indexer_mod, "_SCORE_BUDGET", 4 * 50 * 7)  # slabs of 7 query rows
+    monkeypatch.setattr(indexer_mod, "_SCORE_BUDGET", 50 * 7)  # slabs of 7 query rows
+    monkeypatch.setattr(indexer_mod, "_TILE_BUDGET", 7 * 4 * 64)  # ... scored in key tiles of 64
     slabbed = Indexer.select(q, w, keys, pos, pos, 8)
     assert torch.equal(whole[1], slabbed[1])
-    for row in range(50):  # same sets (order within a row is free)
+    for row in range(150):  # same sets (order within a row is free)
         assert set(whole[0][0, row][whole[1][0, row]].tolist()) == set(slabbed[0][0, row][slabbed[1][0, row]].tolist())

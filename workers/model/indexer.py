@@ -23,7 +23,8 @@ from .rope import apply_neox
 
 IndexerMode = Literal["exact", "fp8"]
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-_SCORE_BUDGET = 1 << 20  # float32 elements of one [slab, heads, T] score slab (4 MiB: stays in cache)
+_SCORE_BUDGET = 1 << 23  # float32 scores of one query slab [B, s', T] (32 MiB)
+_TILE_BUDGET = 1 << 20  # float32 per-head logits of one key tile [B, s'·H, tile] (4 MiB: stays in cache)
 
 
 class IndexKeys(NamedTuple):
@@ -140,27 +141,40 @@ class Indexer(nn.Module):
         b, s, h, d = q.shape
         t = kd_t.shape[-1]
         kk = min(k, t)
-        step = max(1, min(s, _SCORE_BUDGET // max(1, b * h * t)))
+        rows = max(1, min(s, _SCORE_BUDGET // max(1, b * t)))
         idx = torch.zeros(b, s, kk, dtype=torch.long, device=q.device)
         valid = torch.zeros(b, s, kk, dtype=torch.bool, device=q.device)
-        for lo in range(0, s, step):
-            hi = min(s, lo + step)
+        for lo in range(0, s, rows):
+            hi = min(s, lo + rows)
             qp = q_pos[:, lo:hi]
             # Causality: keys past the slab's last query position are invisible to all of it.
             t_hi = max(1, int((k_pos <= qp.max()).sum(dim=1).max()))
-            # One GEMM with the heads folded into the rows ([B, s'·H, D] @ [B, D, T']), ReLU in place,
-            # then the head-weighted sum as a batched GEMV: [B, s', 1, H] @ [B, s', H, T'].
-            logits = torch.matmul(q[:, lo:hi].reshape(b, (hi - lo) * h, d), kd_t[..., :t_hi])
-            logits = logits.view(b, hi - lo, h, t_hi).relu_()
-            slab = torch.matmul(w[:, lo:hi].unsqueeze(2), logits).squeeze(2)  # [B, s', T']
+            slab = _scores(q[:, lo:hi], w[:, lo:hi], kd_t[..., :t_hi])  # [B, s', T']
             # Keys at or before the slab's first query are visible to every query in it: mask the rest.
             t_lo = min(t_hi, int((k_pos <= qp.min()).sum(dim=1).min()))
-            kp = k_pos[:, t_lo:t_hi]
-            slab[..., t_lo:].masked_fill_(kp[:, None, :] > qp[:, :, None], -math.inf)
+            slab[..., t_lo:].masked_fill_(k_pos[:, None, t_lo:t_hi] > qp[:, :, None], -math.inf)
             part_idx = _topk_earliest_on_ties(slab, k)
             idx[:, lo:hi, : part_idx.shape[-1]] = part_idx
             valid[:, lo:hi, : part_idx.shape[-1]] = _visible(part_idx, qp, k_pos)
         return idx, valid
+
+
+def _scores(q: torch.Tensor, w: torch.Tensor, kd_t: torch.Tensor) -> torch.Tensor:
+    """Index scores of a slab, key tile by key tile so the per-head logits stay cache-sized (never
+    [S, H, T]). q [B, s, H, D], w [B, s, H], kd_t [B, D, T] → float32 [B, s, T]."""
+    b, s, h, d = q.shape
+    t = kd_t.shape[-1]
+    qf = q.reshape(b, s * h, d)  # heads folded into the rows: one GEMM per tile
+    wf = w.unsqueeze(2)  # [B, s, 1, H]
+    tile = max(64, _TILE_BUDGET // max(1, b * s * h))
+    if tile >= t:
+        return torch.matmul(wf, torch.matmul(qf, kd_t).view(b, s, h, t).relu_()).squeeze(2)
+    out = q.new_empty(b, s, t, dtype=torch.float32)
+    for k0 in range(0, t, tile):
+        k1 = min(t, k0 + tile)
+        logits = torch.matmul(qf, kd_t[..., k0:k1]).view(b, s, h, k1 - k0).relu_()
+        out[..., k0:k1] = torch.matmul(wf, logits).squeeze(2)  # head-weighted sum: batched GEMV
+    return out
 
 
 def _visible(idx: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -175,7 +189,7 @@ def _topk_earliest_on_ties(masked: torch.Tensor, k: int) -> torch.Tensor:
     Ties at the k-th score (common: every head's ReLU at zero) are broken by the earlier position,
     so the selection does not depend on how many keys a call sees (full forward vs. decode step).
     A tie crosses the boundary exactly when the (k+1)-th score equals the k-th; only those rows pay
-    for a stable sort.
+    for the fix: every score above the k-th, then the earliest of those equal to it.
     """
     t = masked.shape[-1]
     kk = min(k, t)
@@ -186,7 +200,12 @@ def _topk_earliest_on_ties(masked: torch.Tensor, k: int) -> torch.Tensor:
     tied = torch.isfinite(kth) & (values[..., kk] == kth)
     idx = idx[..., :kk]
     if tied.any():
-        idx[tied] = masked[tied].sort(dim=-1, descending=True, stable=True).indices[..., :kk]
+        rows, th = masked[tied], kth[tied][:, None]  # [R, T], [R, 1]
+        above = rows > th
+        equal = rows == th
+        need = kk - above.sum(dim=-1, keepdim=True)
+        chosen = above | (equal & (equal.cumsum(dim=-1) <= need))  # exactly kk per row
+        idx[tied] = chosen.nonzero()[:, 1].view(-1, kk)
     return idx
 
 
