@@ -33,7 +33,7 @@ from router.routing import CacheAwareRouting
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
 from router.server import DsaServeServicer
 from router.tokenizer import Tokenizer
-from workers.engine.types import GenerateRequest, KVHandle, RequestOutput
+from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerStats
 from workers.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class RayBackend:
         self.requests_total = 0
         self.errors_total = 0
         self.routes: dict[str, int] = {}  # decisions by reason
-        self._workers: list[dict] = []
+        self._workers: list[WorkerStats] = []
         self._workers_at = 0.0
 
     def info(self) -> ModelInfo:
@@ -112,19 +112,21 @@ class RayBackend:
 
     def stats(self) -> dict:
         try:
-            workers = ray.get(ray.get_actor(STATS_BOARD).all.remote(), timeout=5)
+            board = ray.get(ray.get_actor(STATS_BOARD).all.remote(), timeout=5)
         except Exception:  # the board is gone: report the router alone
-            workers = []
+            board = []
         router = {"requests_total": self.requests_total, "in_flight": self.in_flight, "errors_total": self.errors_total,
                   "routes": dict(self.routes), "index_errors": self.routing.index_errors}
-        return {"mode": "cluster", "router": router, "workers": workers}
+        return {"mode": "cluster", "router": router, "workers": [WorkerStats.from_json(w) for w in board]}
 
-    async def _worker_stats(self) -> list[dict]:
+    async def _worker_stats(self) -> list[WorkerStats]:
         if time.monotonic() - self._workers_at > STATS_REFRESH_S:
             try:
-                self._workers = await ray.get_actor(STATS_BOARD).all.remote()
+                board = await ray.get_actor(STATS_BOARD).all.remote()
             except Exception:
                 pass  # keep the last known stats
+            else:
+                self._workers = [WorkerStats.from_json(w) for w in board]
             self._workers_at = time.monotonic()
         return self._workers
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.cli_serve import _user_errors
+from workers.engine.types import WorkerStats
 from workers.model.device import DTYPE_CHOICES
 
 
@@ -79,12 +80,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status))
         return 0
-    router = status.get("router", {})
-    print(f"mode {status.get('mode')}  requests {router.get('requests_total', 0)}  in flight {router.get('in_flight', 0)}"
-          f"  errors {router.get('errors_total', 0)}")
+    router = status["router"]
+    print(f"mode {status['mode']}  requests {router['requests_total']}  in flight {router['in_flight']}"
+          f"  errors {router['errors_total']}")
     print(f"{'worker':<22} {'role':<8} {'requests':>8} {'running':>7} {'free/total blocks':>18} {'kv backend':>10} {'kv bytes':>12}")
-    for w in status.get("workers", []):
-        kv = w.get("kv_transfer", {})
-        print(f"{w['id']:<22} {w['role']:<8} {w['requests_total']:>8} {w['running']:>7} "
-              f"{w['free_blocks']:>9}/{w['total_blocks']:<8} {kv.get('backend', ''):>10} {kv.get('bytes', 0):>12}")
+    for w in map(WorkerStats.from_json, status["workers"]):
+        print(f"{w.worker_id:<22} {w.role:<8} {w.requests_total:>8} {w.running:>7} "
+              f"{w.free_blocks:>9}/{w.total_blocks:<8} {w.kv_transfer.backend:>10} {w.kv_transfer.bytes:>12}")
     return 0

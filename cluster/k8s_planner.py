@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from cluster.config import WorkerGroupConfig
+from workers.engine.types import WorkerStats
 
 ROLES = ("prefill", "decode")
 APP_IMPORT_PATH = "cluster.app:app_builder"
@@ -57,13 +58,14 @@ class Metrics:
 
     @classmethod
     def from_status(cls, status: dict, ttft_ms: float | None = None) -> Metrics:
-        """From ``router.client.Client.status()``; unhealthy workers do not count."""
+        """From ``router.client.Client.status()`` (the ``Status`` reply as JSON); unhealthy workers do not count."""
+        workers = [WorkerStats.from_json(w) for w in status["workers"]]
         loads = {}
         for role in ROLES:
-            ws = [w for w in status.get("workers", []) if w.get("role") == role and w.get("healthy", True)]
-            loads[role] = RoleLoad(len(ws), sum(w.get("waiting", 0) for w in ws), sum(w.get("running", 0) for w in ws),
-                                   sum(w.get("free_blocks", 0) for w in ws), sum(w.get("total_blocks", 0) for w in ws))
-        return cls(int(status.get("router", {}).get("in_flight", 0)), loads["prefill"], loads["decode"], ttft_ms)
+            ws = [w for w in workers if w.role == role and w.healthy]
+            loads[role] = RoleLoad(len(ws), sum(w.waiting for w in ws), sum(w.running for w in ws),
+                                   sum(w.free_blocks for w in ws), sum(w.total_blocks for w in ws))
+        return cls(status["router"]["in_flight"], loads["prefill"], loads["decode"], ttft_ms)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ an in-memory block index, local KV transfer. The embedded default and the mode m
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -17,7 +18,7 @@ from router.policy import RoutingConfig, make_policy
 from router.routing import CacheAwareRouting
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
-from workers.engine.types import GenerateRequest, RequestOutput
+from workers.engine.types import GenerateRequest, RequestOutput, WorkerStats
 from workers.model.checkpoint import load_model
 from workers.model.model import DeepseekV32
 from workers.worker import EngineLoop, EngineWorker
@@ -122,10 +123,13 @@ class LocalBackend:
         return None if self.loop.error is None else f"engine loop stopped: {self.loop.error}"
 
     def stats(self) -> dict:
+        router = {"requests_total": self._requests_total, "in_flight": self._in_flight, "errors_total": self._errors_total}
+        return {"mode": "local", "router": router, "workers": self.worker_stats()}
+
+    def worker_stats(self) -> list[WorkerStats]:
         engines = [e for e in (self.prefill_engine, self.decode_engine) if e is not None]
         healthy = self.health_error() is None
-        router = {"requests_total": self._requests_total, "in_flight": self._in_flight, "errors_total": self._errors_total}
-        return {"mode": "local", "router": router, "workers": [{**e.status(), "healthy": healthy} for e in engines]}
+        return [dataclasses.replace(e.stats(), healthy=healthy) for e in engines]
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         if self._in_flight >= self.engine_config.max_queue:
@@ -140,7 +144,7 @@ class LocalBackend:
         try:
             local = self.prefill is None
             if not local and self.routing is not None:
-                decision = await self.routing.decide(req, self.stats()["workers"])
+                decision = await self.routing.decide(req, self.worker_stats())
                 local = decision.prefill_worker is None  # conditional disaggregation
             if local:
                 stream = self.decode.generate(req)

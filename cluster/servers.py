@@ -24,7 +24,7 @@ from kvstore.redis_index import RedisKVIndex
 from kvstore.transfer import TransferError
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
-from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerError
+from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerError, WorkerStats
 from workers.model.checkpoint import load_model
 from workers.model.device import dtype_name, resolve_dtype
 from workers.worker import EngineLoop, EngineWorker
@@ -35,7 +35,12 @@ STATS_PERIOD_S = 0.5
 
 @ray.remote(num_cpus=0)
 class StatsBoard:
-    """Latest stats of every worker, keyed by worker id; entries older than ``ttl_s`` are dropped."""
+    """Latest stats of every worker, keyed by worker id; entries older than ``ttl_s`` are dropped.
+
+    Entries are ``WorkerStats.to_json()`` dicts (readers use ``WorkerStats.from_json``): the board is
+    detached and can outlive a deployment, so what it holds must not depend on the dataclass being the
+    same in the processes that report and read.
+    """
 
     def __init__(self, ttl_s: float = 10.0) -> None:
         self.ttl_s = ttl_s
@@ -108,11 +113,11 @@ class _EngineServer:
     def _transfer_args(self, transfer: str, timeout_s: float) -> dict:
         return {}
 
-    def stats(self) -> dict:
-        indexed = None if self.publisher is None else self.publisher.healthy
-        ep = {} if self.ep_group is None or self.ep_group.ep is None else {
-            "ep": {**self.ep_group.ep.stats(load=False), "pids": self.ep_group.pids}}
-        return {**self.engine.status(), "healthy": self._health_error() is None, "indexed": indexed, **ep}
+    def stats(self) -> WorkerStats:
+        ep = None if self.ep_group is None or self.ep_group.ep is None else {
+            **self.ep_group.ep.stats(load=False), "pids": self.ep_group.pids}
+        return dataclasses.replace(self.engine.stats(), healthy=self._health_error() is None,
+                                   indexed=None if self.publisher is None else self.publisher.healthy, ep=ep)
 
     def _health_error(self) -> str | None:
         if self.loop.error is not None:
@@ -122,7 +127,7 @@ class _EngineServer:
     def _publish(self) -> None:
         while not self._stop.wait(STATS_PERIOD_S):
             try:
-                self._board.report.remote(self.worker_id, self.stats())
+                self._board.report.remote(self.worker_id, self.stats().to_json())
             except Exception:  # the board restarting must not kill the replica
                 pass
 

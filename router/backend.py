@@ -51,7 +51,8 @@ class Backend(Protocol):
       when no worker is healthy. It yields ``RequestOutput`` increments; the last has ``finished``.
       Closing the iterator early (the client cancelled, a stop string matched, a deadline passed)
       aborts the request and frees its KV blocks.
-    - ``stats()`` returns a JSON-able dict of worker stats for health and debugging.
+    - ``stats()`` returns ``{"mode": str, "router": {counter: number}, "workers": [WorkerStats]}`` for
+      health and debugging (the servicer turns it into the ``Status`` reply).
     """
 
     def info(self) -> ModelInfo: ...

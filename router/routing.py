@@ -16,13 +16,13 @@ from kvstore.hashing import block_hashes
 from kvstore.index import IndexUnavailable, KVIndex
 from router.backend import BackendUnavailable
 from router.policy import DecodeCandidate, NoCandidates, PrefillCandidate, RouteDecision, RouteRequest, RoutingPolicy
-from workers.engine.types import GenerateRequest
+from workers.engine.types import GenerateRequest, WorkerStats
 
 log = logging.getLogger(__name__)
 
 
 class CacheAwareRouting:
-    """Decides where a request runs. ``workers`` are status dicts (``Engine.status()`` shape)."""
+    """Decides where a request runs, from the latest ``WorkerStats`` of every worker."""
 
     def __init__(self, policy: RoutingPolicy, index: KVIndex | None, *, model_id: str, block_size: int) -> None:
         self.policy, self.index = policy, index
@@ -31,7 +31,7 @@ class CacheAwareRouting:
         # Uncached prompt tokens sent to a prefill worker and not yet prefilled: stats lag behind.
         self._assigned: defaultdict[str, int] = defaultdict(int)
 
-    async def decide(self, req: GenerateRequest, workers: Sequence[dict]) -> RouteDecision:
+    async def decide(self, req: GenerateRequest, workers: Sequence[WorkerStats]) -> RouteDecision:
         matches = {}
         if self.index is not None:
             hashes = block_hashes(req.prompt_token_ids, model_id=self.model_id, cache_salt=req.cache_salt,
@@ -41,22 +41,22 @@ class CacheAwareRouting:
             except IndexUnavailable as e:  # route by load until the index answers again
                 self.index_errors += 1
                 log.debug("KV index unavailable (%s): routing by load", e)
-        live = [w for w in workers if w.get("healthy", True)]
+        live = [w for w in workers if w.healthy]
         prefill = [
             PrefillCandidate(
-                worker_id=w["id"], matched_blocks=_matched(matches, w["id"]),
-                queued_tokens=w.get("queued_tokens", 0) + self._assigned[w["id"]],
-                running=w.get("running", 0) + w.get("waiting", 0), free_blocks=w.get("free_blocks", 0),
+                worker_id=w.worker_id, matched_blocks=_matched(matches, w.worker_id),
+                queued_tokens=w.queued_tokens + self._assigned[w.worker_id],
+                running=w.running + w.waiting, free_blocks=w.free_blocks,
             )
-            for w in live if w["role"] == "prefill"
+            for w in live if w.role == "prefill"
         ]
         decode = [
             DecodeCandidate(
-                worker_id=w["id"], free_blocks=w.get("free_blocks", 0), total_blocks=w.get("total_blocks", 0),
-                running=w.get("running", 0) + w.get("waiting", 0), matched_blocks=_matched(matches, w["id"]),
-                queued_prefill_tokens=w.get("queued_tokens", 0),
+                worker_id=w.worker_id, free_blocks=w.free_blocks, total_blocks=w.total_blocks,
+                running=w.running + w.waiting, matched_blocks=_matched(matches, w.worker_id),
+                queued_prefill_tokens=w.queued_tokens,
             )
-            for w in live if w["role"] in ("decode", "both")
+            for w in live if w.role in ("decode", "both")
         ]
         try:
             return self.policy.route(RouteRequest(len(req.prompt_token_ids), self.block_size, req.params.max_tokens),

@@ -9,7 +9,7 @@ from typing import Any
 from router.backend import ModelInfo
 from router.frontend import Completion, CompletionRequest, Delta
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
-from workers.engine.types import SamplingParams, TokenLogprob, Usage
+from workers.engine.types import SamplingParams, TokenLogprob, TransferStats, Usage, WorkerStats
 
 # Trailing metadata keys: the offending field of an INVALID_ARGUMENT, and gRPC's standard retry
 # pushback (milliseconds) of a RESOURCE_EXHAUSTED.
@@ -187,42 +187,42 @@ def _logprob_from_proto(lp: pb.TokenLogprob) -> TokenLogprob:
 
 
 def status_to_proto(status: dict) -> pb.StatusResponse:
-    """Backend ``stats()`` dict → StatusResponse (unknown keys are dropped)."""
-    router = status.get("router", {})
-    workers = []
-    for w in status.get("workers", []):
-        kv = w.get("kv_transfer", {})
-        workers.append(pb.WorkerStatus(
-            id=w["id"], role=w["role"], requests_total=w.get("requests_total", 0), running=w.get("running", 0),
-            waiting=w.get("waiting", 0), free_blocks=w.get("free_blocks", 0), total_blocks=w.get("total_blocks", 0),
-            tokens_per_s=w.get("tokens_per_s", 0.0), healthy=w.get("healthy", True),
-            indexed=bool(w.get("indexed")), queued_tokens=w.get("queued_tokens", 0),
-            kv_transfer=pb.KVTransferStats(backend=kv.get("backend", "none"), bytes=kv.get("bytes", 0),
-                                           transfers=kv.get("transfers", 0), failures=kv.get("failures", 0)),
-        ))
+    """Backend ``stats()`` → StatusResponse (router counters the message has no field for are dropped)."""
+    router = status["router"]
     return pb.StatusResponse(
-        mode=status.get("mode", ""),
-        router=pb.RouterStatus(requests_total=router.get("requests_total", 0), in_flight=router.get("in_flight", 0),
-                               errors_total=router.get("errors_total", 0)),
-        workers=workers,
+        mode=status["mode"],
+        router=pb.RouterStatus(requests_total=router["requests_total"], in_flight=router["in_flight"],
+                               errors_total=router["errors_total"]),
+        workers=[_worker_to_proto(w) for w in status["workers"]],
     )
 
 
 def status_from_proto(msg: pb.StatusResponse) -> dict:
-    """StatusResponse → the JSON ``dsaserve status --json`` prints (numbers stay numbers)."""
+    """StatusResponse → the JSON ``dsaserve status --json`` prints (numbers stay numbers); each worker
+    is ``WorkerStats.to_json()`` (no ``ep`` block: the message has none)."""
     r = msg.router
     return {
         "mode": msg.mode,
         "router": {"requests_total": r.requests_total, "in_flight": r.in_flight, "errors_total": r.errors_total},
-        "workers": [
-            {
-                "id": w.id, "role": w.role, "requests_total": w.requests_total, "running": w.running,
-                "waiting": w.waiting, "free_blocks": w.free_blocks, "total_blocks": w.total_blocks,
-                "tokens_per_s": w.tokens_per_s, "healthy": w.healthy, "indexed": w.indexed,
-                "queued_tokens": w.queued_tokens,
-                "kv_transfer": {"backend": w.kv_transfer.backend, "bytes": w.kv_transfer.bytes,
-                                "transfers": w.kv_transfer.transfers, "failures": w.kv_transfer.failures},
-            }
-            for w in msg.workers
-        ],
+        "workers": [_worker_from_proto(w).to_json() for w in msg.workers],
     }
+
+
+def _worker_to_proto(w: WorkerStats) -> pb.WorkerStatus:
+    kv = w.kv_transfer
+    return pb.WorkerStatus(
+        id=w.worker_id, role=w.role, requests_total=w.requests_total, running=w.running, waiting=w.waiting,
+        free_blocks=w.free_blocks, total_blocks=w.total_blocks, tokens_per_s=w.tokens_per_s, healthy=w.healthy,
+        indexed=bool(w.indexed), queued_tokens=w.queued_tokens,
+        kv_transfer=pb.KVTransferStats(backend=kv.backend, bytes=kv.bytes, transfers=kv.transfers, failures=kv.failures),
+    )
+
+
+def _worker_from_proto(w: pb.WorkerStatus) -> WorkerStats:
+    kv = w.kv_transfer
+    return WorkerStats(
+        worker_id=w.id, role=w.role, waiting=w.waiting, running=w.running, free_blocks=w.free_blocks,
+        total_blocks=w.total_blocks, tokens_per_s=w.tokens_per_s, requests_total=w.requests_total,
+        queued_tokens=w.queued_tokens, healthy=w.healthy, indexed=w.indexed,
+        kv_transfer=TransferStats(kv.backend, kv.bytes, kv.transfers, kv.failures),
+    )

@@ -41,7 +41,7 @@ def test_crashed_forward_fails_requests_in_flight(tiny_ckpt):
         for outs in asyncio.run(both()):
             assert outs[-1].finished and outs[-1].finish_reason == "error"
             assert "engine loop crashed: device lost" in outs[-1].error
-        assert not any(w["healthy"] for w in be.stats()["workers"])
+        assert not any(w.healthy for w in be.stats()["workers"])
         with pytest.raises(BackendUnavailable, match="device lost"):
             asyncio.run(run("late"))
         # a request that reaches an engine after the crash is answered at once, not queued forever

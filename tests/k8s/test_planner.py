@@ -15,6 +15,7 @@ from cluster.k8s_planner import (
 )
 from tests.helm.render import render, render_values
 from tests.k8s.crd import crd_available, crd_errors
+from workers.engine.types import WorkerStats
 
 T0 = 100_000.0
 CFG = PlannerConfig(prefill=Bounds(1, 4), decode=Bounds(1, 4), target_ttft_ms=1000, cooldown_s=60,
@@ -112,11 +113,13 @@ def test_replicas_still_starting_hold_growth():
 
 
 def test_unhealthy_workers_do_not_count():
-    status = {"router": {"in_flight": 7}, "workers": [
-        {"role": "prefill", "waiting": 3, "running": 1, "free_blocks": 10, "total_blocks": 20, "healthy": True},
-        {"role": "prefill", "waiting": 9, "running": 9, "free_blocks": 0, "total_blocks": 20, "healthy": False},
-        {"role": "decode", "waiting": 0, "running": 5, "free_blocks": 50, "total_blocks": 100},
-    ]}
+    workers = [
+        WorkerStats("p0", "prefill", waiting=3, running=1, free_blocks=10, total_blocks=20),
+        WorkerStats("p1", "prefill", waiting=9, running=9, free_blocks=0, total_blocks=20, healthy=False),
+        WorkerStats("d0", "decode", waiting=0, running=5, free_blocks=50, total_blocks=100),
+    ]
+    status = {"mode": "cluster", "router": {"requests_total": 30, "in_flight": 7, "errors_total": 0},
+              "workers": [w.to_json() for w in workers]}  # as ``Client.status()`` returns it
     m = Metrics.from_status(status, ttft_ms=42.0)
     assert m.queue_depth == 7 and m.ttft_ms == 42.0
     assert m.prefill == RoleLoad(1, 3, 1, 10, 20)

@@ -14,6 +14,7 @@ from cluster import k8s
 from cluster.cli import main
 from cluster.k8s import format_status, pod_selector, summarize
 from tests.helm.render import render
+from workers.engine.types import WorkerStats
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 
@@ -54,9 +55,9 @@ PODS = [
     _pod("dsaserve-redis-0", "redis", age_s=90000),
 ]
 
-ROUTER_STATUS = {"mode": "cluster", "router": {"in_flight": 5}, "workers": [
-    {"id": "prefill-1", "role": "prefill", "waiting": 1, "running": 2, "free_blocks": 100, "total_blocks": 200, "healthy": True},
-    {"id": "decode-1", "role": "decode", "waiting": 0, "running": 4, "free_blocks": 150, "total_blocks": 200, "healthy": True},
+ROUTER_STATUS = {"mode": "cluster", "router": {"requests_total": 12, "in_flight": 5, "errors_total": 0}, "workers": [
+    WorkerStats("prefill-1", "prefill", waiting=1, running=2, free_blocks=100, total_blocks=200).to_json(),
+    WorkerStats("decode-1", "decode", waiting=0, running=4, free_blocks=150, total_blocks=200).to_json(),
 ]}
 
 

@@ -74,7 +74,7 @@ def test_expert_parallel_matches_one_device(case, tiny_ckpt, reference):
             assert [t for o in outs for t in o.new_token_ids] == want_tokens[name], name
             assert outs[-1].finish_reason == "length"
         stats = be.stats()
-        assert stats["ep"]["healthy"] and all(w["healthy"] for w in stats["workers"])
+        assert stats["ep"]["healthy"] and all(w.healthy for w in stats["workers"])
         assert stats["ep"]["bytes_sent"] > 0
 
 
@@ -107,7 +107,7 @@ def test_rank_lost_mid_request_ends_it_with_an_error(tiny_ckpt, how):
         assert sum(len(o.new_token_ids) for o in outs) < 1000
         assert elapsed < (timeout_s if how == "killed" else timeout_s + 3.0)
         stats = be.stats()
-        assert not stats["ep"]["healthy"] and not any(w["healthy"] for w in stats["workers"])
+        assert not stats["ep"]["healthy"] and not any(w.healthy for w in stats["workers"])
         with pytest.raises(BackendUnavailable, match="expert-parallel|engine loop"):
             asyncio.run(_run(be, _greedy("after", prompt(12), 2)))
 

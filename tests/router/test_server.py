@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from router.client import AsyncClient, Client, DsaServeError
 from router.tokenizer import Tokenizer
+from tests.engine.test_stats import KV_TRANSFER_KEYS, WORKER_KEYS
 from tests.router.conftest import MAX_MODEL_LEN, ServerThread
 
 NUM_PROMPTS = 20
@@ -38,7 +39,7 @@ def wait_idle(server: ServerThread, timeout: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         stats = server.backend.stats()
-        idle = stats["router"]["in_flight"] == 0 and all(w["free_blocks"] == w["total_blocks"] for w in stats["workers"])
+        idle = stats["router"]["in_flight"] == 0 and all(w.free_blocks == w.total_blocks for w in stats["workers"])
         if idle or time.monotonic() > deadline:
             assert idle, stats
             return stats
@@ -54,6 +55,15 @@ def test_health_reflection_and_models(client: Client, server: ServerThread) -> N
     (model,) = client.list_models()
     assert model.max_context == MAX_MODEL_LEN and model.vocab_size == 129280 and model.has_tokenizer
     assert (model.block_size, model.index_topk) == (64, 32) and model.max_queue >= 1 and model.max_tokens_limit >= 1
+
+
+def test_status_keeps_the_cli_keys(client: Client) -> None:
+    client.generate(prompt_ids=prompt_ids(0), **GREEDY)
+    status = client.status()
+    assert status["mode"] == "local" and {w["role"] for w in status["workers"]} == {"prefill", "decode"}
+    for w in status["workers"]:
+        assert set(w) == WORKER_KEYS and set(w["kv_transfer"]) == KV_TRANSFER_KEYS, w
+        assert w["kv_transfer"]["backend"] == "local" and w["requests_total"] >= 1 and w["healthy"]
 
 
 def test_tokenize_matches_the_tokenizer(client: Client, tokenizer: Tokenizer) -> None:

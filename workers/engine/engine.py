@@ -35,7 +35,7 @@ from .runner import ModelRunner
 from .sampler import make_generator, sample
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SeqStatus
-from .types import GenerateRequest, WorkerStats
+from .types import GenerateRequest, TransferStats, WorkerStats
 
 
 class Engine:
@@ -157,26 +157,17 @@ class Engine:
             self._finish(seq)
 
     def stats(self) -> WorkerStats:
+        """Load and KV transfer counters; read racily from other threads. ``healthy`` stays True: the
+        serving process knows whether this engine's loop still runs."""
         elapsed = max(1e-9, time.monotonic() - self._started)
+        side = self.transfer if self.transfer is not None else self.holder
+        kv = TransferStats.from_json(side.stats()) if hasattr(side, "stats") else TransferStats(getattr(side, "name", "none"))
         return WorkerStats(
             worker_id=self.worker_id, role=self.role, waiting=len(self.scheduler.waiting) + len(self.importer),
             running=len(self.scheduler.running), free_blocks=self.kv.pool.num_free,
-            total_blocks=self.config.num_blocks, tokens_per_s=self._tokens_done / elapsed,
-            requests_total=self.requests_total,
+            total_blocks=self.config.num_blocks, tokens_per_s=round(self._tokens_done / elapsed, 2),
+            requests_total=self.requests_total, queued_tokens=self.queued_prefill_tokens(), kv_transfer=kv,
         )
-
-    def status(self) -> dict:
-        """JSON-able status for ``dsaserve status``: stats plus the KV transfer counters."""
-        s = self.stats()
-        side = self.transfer if self.transfer is not None else self.holder
-        kv = side.stats() if side is not None and hasattr(side, "stats") else {}
-        default_backend = getattr(side, "name", "none")
-        return {
-            "id": s.worker_id, "role": s.role, "requests_total": s.requests_total, "running": s.running,
-            "waiting": s.waiting, "free_blocks": s.free_blocks, "total_blocks": s.total_blocks,
-            "tokens_per_s": round(s.tokens_per_s, 2), "queued_tokens": self.queued_prefill_tokens(),
-            "kv_transfer": {"backend": default_backend, "bytes": 0, "transfers": 0, "failures": 0, **kv},
-        }
 
     def queued_prefill_tokens(self) -> int:
         """Prompt tokens still to prefill (waiting and running); read racily from other threads."""

@@ -1,4 +1,4 @@
-"""Typed objects that cross the engine's boundary: requests, sampling parameters, outputs, KV handles.
+"""Typed objects that cross the engine's boundary: requests, sampling parameters, outputs, KV handles, stats.
 
 Plain dataclasses (no Ray, no protobuf): the router converts protobuf at the wire; Ray passes these.
 """
@@ -107,14 +107,65 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class TransferStats:
+    """A worker's KV transfer counters: the reader's on a decode worker, the holder's on a prefill one."""
+
+    backend: str = "none"
+    bytes: int = 0  # completed transfers only
+    transfers: int = 0
+    failures: int = 0
+    seconds: float | None = None  # spent in successful reads; only NIXL's reader measures it
+
+    def to_json(self) -> dict:
+        out = {"backend": self.backend, "bytes": self.bytes, "transfers": self.transfers, "failures": self.failures}
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> TransferStats:
+        return cls(d["backend"], d["bytes"], d["transfers"], d["failures"], d.get("seconds"))
+
+
+@dataclass(frozen=True)
 class WorkerStats:
-    """What routing needs from a worker."""
+    """A worker's load and health, as routing, the planner and ``dsaserve status`` see it.
+
+    ``to_json()`` is the worker entry of ``dsaserve status --json`` (a CLI contract: keep every key and
+    its meaning); ``from_json`` reads it back where stats crossed Ray or gRPC as JSON. ``healthy``,
+    ``indexed`` and ``ep`` are the serving process's to set; an engine reports the rest.
+    """
 
     worker_id: str
     role: str
-    waiting: int
+    waiting: int  # requests not yet scheduled, KV imports included
     running: int
     free_blocks: int
     total_blocks: int
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # tokens computed per second since start, to 0.01
     requests_total: int = 0
+    queued_tokens: int = 0  # prompt tokens still to prefill, waiting and running
+    healthy: bool = True
+    indexed: bool | None = None  # the KV index has its current blocks; None: no index
+    kv_transfer: TransferStats = field(default_factory=TransferStats)
+    ep: dict | None = None  # expert parallelism (``ExpertParallel.stats`` and the ranks' pids); None: one process
+
+    def to_json(self) -> dict:
+        out = {
+            "id": self.worker_id, "role": self.role, "requests_total": self.requests_total, "running": self.running,
+            "waiting": self.waiting, "free_blocks": self.free_blocks, "total_blocks": self.total_blocks,
+            "tokens_per_s": self.tokens_per_s, "queued_tokens": self.queued_tokens,
+            "kv_transfer": self.kv_transfer.to_json(), "healthy": self.healthy, "indexed": self.indexed,
+        }
+        if self.ep is not None:
+            out["ep"] = self.ep
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> WorkerStats:
+        return cls(
+            worker_id=d["id"], role=d["role"], waiting=d["waiting"], running=d["running"],
+            free_blocks=d["free_blocks"], total_blocks=d["total_blocks"], tokens_per_s=d["tokens_per_s"],
+            requests_total=d["requests_total"], queued_tokens=d["queued_tokens"], healthy=d["healthy"],
+            indexed=d["indexed"], kv_transfer=TransferStats.from_json(d["kv_transfer"]), ep=d.get("ep"),
+        )
