@@ -22,10 +22,22 @@ SEED = 0
 
 
 # ---------------------------------------------------------------------------------------------- set-up
+ENGINE_THREADS = THREADS
+
+
 def setup_threads(n: int = THREADS) -> int:
-    """Same intra-op thread count for dsaserve and transformers (the engine thread inherits it)."""
-    torch.set_num_threads(n)
-    return torch.get_num_threads()
+    """Same intra-op thread count for every system: dsaserve's engine thread gets ``n`` (its main
+    thread keeps one, as in ``dsaserve local``: see workers.host); peers in their own processes get ``n``."""
+    from workers.host import prepare_serving_process
+
+    global ENGINE_THREADS
+    ENGINE_THREADS = prepare_serving_process(n)
+    return ENGINE_THREADS
+
+
+def in_thread_profiling() -> None:
+    """Profiles step an engine on the main thread: give it the engine's thread count."""
+    torch.set_num_threads(ENGINE_THREADS)
 
 
 def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
@@ -35,6 +47,8 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads for both systems")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size (default: the real one)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers side")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and activations of both systems (default: float32, the parity dtype)")
     p.add_argument("--max-quiet-wait", type=float, default=None,
                    help="seconds to wait for an idle machine before each timed repetition (default 45, --quick 2)")
     if extra is not None:
@@ -170,8 +184,8 @@ def checkpoint(preset: str = DEFAULT_PRESET, vocab: int | None = None) -> Path:
     return path
 
 
-def load_hf(path: Path):
-    """transformers' DeepseekV32ForCausalLM on the same checkpoint: float32, eager attention."""
+def load_hf(path: Path, dtype: torch.dtype = torch.float32):
+    """transformers' DeepseekV32ForCausalLM on the same checkpoint in ``dtype``, eager attention."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -181,7 +195,7 @@ def load_hf(path: Path):
     # key/value per head: say so explicitly.
     config.num_key_value_heads = config.num_attention_heads
     model = transformers.DeepseekV32ForCausalLM.from_pretrained(
-        path, config=config, dtype=torch.float32, attn_implementation="eager")
+        path, config=config, dtype=dtype, attn_implementation="eager")
     return model.eval()
 
 
@@ -297,6 +311,8 @@ def _targets():
 def instrument() -> list[str]:
     """Wrap dsaserve's main stages in ``record_function`` labels (idempotent); returns the labels."""
     import functools
+
+    in_thread_profiling()
 
     labels = []
     for owner, name, label in _targets():
@@ -437,6 +453,9 @@ def start_local(path, engine_config=None, *, dtype: torch.dtype = torch.float32,
     from workers.engine.config import EngineConfig
 
     engine_config = engine_config or EngineConfig()
+    if "num_threads" in inspect.signature(LocalBackend.start).parameters:
+        return LocalBackend.start(path, engine_config=engine_config, disaggregate=disaggregate, dtype=dtype,
+                                  num_threads=ENGINE_THREADS)
     if "dtype" in inspect.signature(LocalBackend.start).parameters:
         return LocalBackend.start(path, engine_config=engine_config, disaggregate=disaggregate, dtype=dtype)
     return LocalBackend(Path(path), engine_config, disaggregate=disaggregate, dtype=dtype)

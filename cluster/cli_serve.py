@@ -94,7 +94,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from workers.model.device import dtype_name
 
     dtype = _dtype(args)
-    with LocalBackend.start(args.model, dtype=dtype) as backend:
+    with LocalBackend.start(args.model, dtype=dtype, num_threads=_engine_threads()) as backend:
         tokenizer = Tokenizer.load(backend.model_dir)
         server = await start_server(backend, tokenizer, args.host, args.port)
         stop = asyncio.Event()
@@ -111,6 +111,13 @@ async def _serve(args: argparse.Namespace) -> int:
         print("dsaserve: shutting down", file=sys.stderr, flush=True)
         await server.stop(grace=5.0)
     return 0
+
+
+def _engine_threads() -> int:
+    """The main thread keeps one intra-op thread; the engine thread gets the rest (see workers.host)."""
+    from workers.host import prepare_serving_process
+
+    return prepare_serving_process()
 
 
 @_user_errors
@@ -131,7 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"dsaserve: error: --ep-size {args.ep_size}: {e}", file=sys.stderr)
             return 2
     else:
-        backend = LocalBackend.start(args.model, dtype=dtype)
+        backend = LocalBackend.start(args.model, dtype=dtype, num_threads=_engine_threads())
     with backend:
         frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
         completion = asyncio.run(frontend.complete(req))
@@ -160,7 +167,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from router.tokenizer import Tokenizer
 
     job = BatchJob.open(args.input, args.output)  # reads and checks the files before loading a model
-    with LocalBackend.start(args.model, dtype=_dtype(args)) as backend:
+    with LocalBackend.start(args.model, dtype=_dtype(args), num_threads=_engine_threads()) as backend:
         frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
         summary = asyncio.run(job.run(frontend, concurrency=args.concurrency))
     print(

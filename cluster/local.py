@@ -62,10 +62,11 @@ class LocalBackend:
 
     def __init__(self, model_dir: Path, engine_config: EngineConfig, *, disaggregate: bool = True,
                  dtype: torch.dtype = torch.float32, routing: RoutingConfig | None = None,
-                 model: DeepseekV32 | None = None) -> None:
+                 model: DeepseekV32 | None = None, num_threads: int | None = None) -> None:
         """``dtype``: the weights' dtype (``workers.model.device.resolve_dtype`` turns a ``--dtype``
         setting into one). ``model``: an already built model to serve (e.g. rank 0 of an
-        expert-parallel group); None loads ``model_dir``."""
+        expert-parallel group); None loads ``model_dir``. ``num_threads``: intra-op threads of the engine
+        thread (``workers.host.prepare_serving_process`` returns the count to pass)."""
         self.model_dir = model_dir
         self.engine_config = engine_config
         model_id = model_dir.name
@@ -82,7 +83,7 @@ class LocalBackend:
                 holder_factory=lambda storage: self.transfer.holder("prefill-0", storage),
             )
             engines.insert(0, self.prefill_engine)
-        self.loop = EngineLoop(engines).start()
+        self.loop = EngineLoop(engines, num_threads=num_threads).start()
         self.decode = EngineWorker(self.decode_engine)
         self.prefill = EngineWorker(self.prefill_engine) if self.prefill_engine else None
         mc = decode_model.config
@@ -102,9 +103,10 @@ class LocalBackend:
     @classmethod
     def start(cls, model_dir: str | Path | None = None, *, engine_config: EngineConfig | None = None,
               disaggregate: bool = True, routing: RoutingConfig | None = None,
-              dtype: torch.dtype = torch.float32) -> "LocalBackend":
+              dtype: torch.dtype = torch.float32, num_threads: int | None = None) -> "LocalBackend":
         path = Path(model_dir) if model_dir is not None else default_model_dir()
-        return cls(path, engine_config or EngineConfig(), disaggregate=disaggregate, routing=routing, dtype=dtype)
+        return cls(path, engine_config or EngineConfig(), disaggregate=disaggregate, routing=routing, dtype=dtype,
+                   num_threads=num_threads)
 
     def __enter__(self) -> "LocalBackend":
         return self

@@ -16,7 +16,6 @@ from contextlib import aclosing
 from pathlib import Path
 
 import ray
-import torch
 from ray import serve
 
 from kvstore.publisher import IndexPublisher
@@ -27,6 +26,7 @@ from workers.engine.engine import Engine
 from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerError, WorkerStats
 from workers.model.checkpoint import load_model
 from workers.model.device import dtype_name, resolve_dtype
+from workers.host import prepare_serving_process
 from workers.worker import EngineLoop, EngineWorker
 
 STATS_BOARD = "dsaserve-stats"
@@ -75,7 +75,7 @@ class _EngineServer:
         """``ep``: ``{"ep_size", "timeout_s", "num_cpus", "num_gpus", "resources"}`` when a replica spans
         expert-parallel ranks (``cluster.ep.RayEPGroup``); None or ep_size 1: one process.
         ``dtype``: ``ClusterConfig.dtype``, resolved here, on the machine the replica runs on."""
-        torch.set_num_threads(torch_threads)
+        engine_threads = prepare_serving_process(torch_threads)  # this thread keeps one (workers.host)
         self.dtype = resolve_dtype(dtype)
         self.ep_group = None
         self.worker_id = _replica_id(self.role)
@@ -104,7 +104,7 @@ class _EngineServer:
                              **events, **self._transfer_args(transfer, transfer_timeout_s))
         if self.publisher is not None:
             self.publisher.start()
-        self.loop = EngineLoop([self.engine], name=self.worker_id).start()
+        self.loop = EngineLoop([self.engine], name=self.worker_id, num_threads=engine_threads).start()
         self.worker = EngineWorker(self.engine)
         self._board = ray.get_actor(STATS_BOARD)
         self._stop = threading.Event()

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from workers.engine.engine import Engine
+from workers.host import set_engine_thread
 from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerError, WorkerStats
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,11 @@ log = logging.getLogger(__name__)
 class EngineLoop:
     """Steps its engines round-robin on one daemon thread; sleeps while none has work."""
 
-    def __init__(self, engines: list[Engine], name: str = "dsaserve-engine") -> None:
+    def __init__(self, engines: list[Engine], name: str = "dsaserve-engine", num_threads: int | None = None) -> None:
+        """``num_threads``: intra-op threads of the loop's thread (None: torch's process default);
+        see ``workers.host`` for why the main thread should keep one."""
         self.engines = engines
+        self.num_threads = num_threads
         self._stop = threading.Event()
         self._wake = threading.Event()
         for engine in engines:
@@ -41,6 +45,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            set_engine_thread(self.num_threads)
             while not self._stop.is_set():
                 self._wake.clear()
                 busy = False

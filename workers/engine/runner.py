@@ -21,7 +21,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: DeepseekV32, storage: PagedKVStorage) -> None:
-        self.model = model.relayout_head()
+        self.model = model
         self.storage = storage
         self.device = model.embed.weight.device
 
