@@ -28,7 +28,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, work: Seq[tuple[Sequence, int]], num_decodes: int, sampled: Seq[bool]) -> torch.Tensor:
         """Run tokens ``[num_computed, num_computed + n)`` of each ``(sequence, n)``; the first
-        ``num_decodes`` entries are decodes (n = 1). → float32 logits [sum(sampled), vocab] of the last
+        ``num_decodes`` entries are decodes (n = 1). → logits [sum(sampled), vocab] (model dtype) of the last
         token of each entry whose ``sampled`` flag is set, in order."""
         ids: list[int] = []
         for seq, n in work:
@@ -41,5 +41,5 @@ class ModelRunner:
         hidden = self.model.hidden_step(torch.tensor(ids, device=self.device), self.storage, batch)
         rows = [batch.query_start[i + 1] - 1 for i, s in enumerate(sampled) if s]
         if not rows:
-            return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32)
-        return self.model.head_logits(hidden[torch.tensor(rows, device=self.device)])
+            return hidden.new_empty(0, self.model.config.vocab_size)
+        return self.model.head_logits(hidden[torch.tensor(rows, device=self.device)], float32=False)

@@ -80,9 +80,11 @@ class DeepseekV32(nn.Module):
             x = block.forward_step(x, rope, cache, batch)
         return x
 
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [B, S, dim] (before the final norm) → float32 logits [B, S, vocab]."""
-        return self.head(self.norm(hidden)).float()
+    def head_logits(self, hidden: torch.Tensor, *, float32: bool = True) -> torch.Tensor:
+        """hidden: [..., dim] (before the final norm) → logits [..., vocab], float32 unless ``float32``
+        is False (then the model's dtype: the sampler converts only the rows it needs)."""
+        logits = self.head(self.norm(hidden))
+        return logits.float() if float32 else logits
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Incremental forward: writes the tokens' latents into ``cache`` and attends over it.
