@@ -25,13 +25,19 @@ SEED = 0
 ENGINE_THREADS = THREADS
 
 
-def setup_threads(n: int = THREADS) -> int:
+def setup_threads(n: int = THREADS, *, engine_on_main_thread: bool = False) -> int:
     """Same intra-op thread count for every system: dsaserve's engine thread gets ``n`` (its main
-    thread keeps one, as in ``dsaserve local``: see workers.host); peers in their own processes get ``n``."""
-    from workers.host import prepare_serving_process
+    thread keeps one, as in ``dsaserve local``: see workers.host); peers in their own processes get ``n``.
+    ``engine_on_main_thread``: the bench steps an Engine itself on the main thread, which then gets ``n``."""
+    from workers.host import keep_freed_memory, prepare_serving_process
 
     global ENGINE_THREADS
-    ENGINE_THREADS = prepare_serving_process(n)
+    if engine_on_main_thread:
+        keep_freed_memory()
+        torch.set_num_threads(n)
+        ENGINE_THREADS = n
+    else:
+        ENGINE_THREADS = prepare_serving_process(n)
     return ENGINE_THREADS
 
 

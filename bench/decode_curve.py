@@ -148,7 +148,7 @@ def main() -> None:
                        help="also profile dsaserve decode steps at this context"),
         p.add_argument("--profile-only", action="store_true", help="only the profile(s) (no timing runs)"),
     ))
-    C.setup_threads(args.threads)
+    C.setup_threads(args.threads, engine_on_main_thread=True)
     contexts = [int(x) for x in args.contexts.split(",")] if args.contexts else (
         [256, 512, 1024] if args.quick else [2048, 4096, 8192, 16384, 32768])
     path = C.checkpoint(vocab=args.vocab)

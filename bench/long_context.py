@@ -289,7 +289,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def main() -> None:
     args = parse_args()
-    C.setup_threads(args.threads)
+    C.setup_threads(args.threads, engine_on_main_thread=True)
     dtype = resolve_dtype(args.dtype)
     C.print_header(f"Long context: chunked prefill and decode at {', '.join(f'{n:,}' for n in args.context_list)} tokens")
 

@@ -194,7 +194,7 @@ def main() -> None:
         p.add_argument("--no-ray", action="store_true", help="skip the Ray column"),
         p.add_argument("--no-huge-pages", action="store_true", help="plain 4 KiB pages for every buffer"),
     ))
-    C.setup_threads(args.threads)
+    C.setup_threads(args.threads, engine_on_main_thread=True)
     reps = args.reps or (3 if args.quick else 5)
     cases = [("tiny preset (fp32)", tiny_layout(), 4096), ("tiny preset (fp32)", tiny_layout(), 32768),
              ("671B (FP8 latent + indexer)", v32_layout(), 4096), ("671B (FP8 latent + indexer)", v32_layout(), 32768)]

@@ -130,6 +130,6 @@ def test_slabbed_selection_equals_whole_selection(monkeypatch):
     monkeypatch.setattr(indexer_mod, "_SCORE_BUDGET", 50 * 7)  # slabs of 7 query rows
     monkeypatch.setattr(indexer_mod, "_TILE_BUDGET", 7 * 4 * 64)  # ... scored in key tiles of 64
     slabbed = Indexer.select(q, w, keys, pos, pos, 8)
-    assert torch.equal(whole[1], slabbed[1])
+    assert torch.equal(whole[1].sum(-1), slabbed[1].sum(-1))  # as many valid picks per query
     for row in range(150):  # same sets (order within a row is free)
         assert set(whole[0][0, row][whole[1][0, row]].tolist()) == set(slabbed[0][0, row][slabbed[1][0, row]].tolist())

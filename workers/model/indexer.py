@@ -144,12 +144,15 @@ class Indexer(nn.Module):
         rows = max(1, min(s, _SCORE_BUDGET // max(1, b * t)))
         idx = torch.zeros(b, s, kk, dtype=torch.long, device=q.device)
         valid = torch.zeros(b, s, kk, dtype=torch.bool, device=q.device)
+        # One score buffer for every slab: a fresh tensor this large is page-faulted in each time.
+        buffer = torch.empty(b * min(rows, s) * t, dtype=torch.float32, device=q.device)
         for lo in range(0, s, rows):
             hi = min(s, lo + rows)
             qp = q_pos[:, lo:hi]
             # Causality: keys past the slab's last query position are invisible to all of it.
             t_hi = max(1, int((k_pos <= qp.max()).sum(dim=1).max()))
-            slab = _scores(q[:, lo:hi], w[:, lo:hi], kd_t[..., :t_hi])  # [B, s', T']
+            # A contiguous view of the buffer's start: top-k over strided rows was ~3× slower.
+            slab = _scores(q[:, lo:hi], w[:, lo:hi], kd_t[..., :t_hi], buffer[: b * (hi - lo) * t_hi].view(b, hi - lo, t_hi))
             # Keys at or before the slab's first query are visible to every query in it: mask the rest.
             t_lo = min(t_hi, int((k_pos <= qp.min()).sum(dim=1).min()))
             slab[..., t_lo:].masked_fill_(k_pos[:, None, t_lo:t_hi] > qp[:, :, None], -math.inf)
@@ -159,17 +162,14 @@ class Indexer(nn.Module):
         return idx, valid
 
 
-def _scores(q: torch.Tensor, w: torch.Tensor, kd_t: torch.Tensor) -> torch.Tensor:
+def _scores(q: torch.Tensor, w: torch.Tensor, kd_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Index scores of a slab, key tile by key tile so the per-head logits stay cache-sized (never
-    [S, H, T]). q [B, s, H, D], w [B, s, H], kd_t [B, D, T] → float32 [B, s, T]."""
+    [S, H, T]). q [B, s, H, D], w [B, s, H], kd_t [B, D, T] → ``out`` float32 [B, s, T], filled."""
     b, s, h, d = q.shape
     t = kd_t.shape[-1]
     qf = q.reshape(b, s * h, d)  # heads folded into the rows: one GEMM per tile
     wf = w.unsqueeze(2)  # [B, s, 1, H]
     tile = max(64, _TILE_BUDGET // max(1, b * s * h))
-    if tile >= t:
-        return torch.matmul(wf, torch.matmul(qf, kd_t).view(b, s, h, t).relu_()).squeeze(2)
-    out = q.new_empty(b, s, t, dtype=torch.float32)
     for k0 in range(0, t, tile):
         k1 = min(t, k0 + tile)
         logits = torch.matmul(qf, kd_t[..., k0:k1]).view(b, s, h, k1 - k0).relu_()
@@ -193,14 +193,18 @@ def _topk_earliest_on_ties(masked: torch.Tensor, k: int) -> torch.Tensor:
     """
     t = masked.shape[-1]
     kk = min(k, t)
-    values, idx = masked.topk(min(kk + 1, t), dim=-1)
     if kk == t:
-        return idx
-    kth = values[..., kk - 1]
-    tied = torch.isfinite(kth) & (values[..., kk] == kth)
-    idx = idx[..., :kk]
+        return masked.topk(kk, dim=-1, sorted=False).indices
+    # Unsorted top-(k+1) (the sorted variant costs ~1.6× as much): its minimum is the (k+1)-th score,
+    # and the k-th equals it exactly when the minimum occurs twice.
+    values, idx = masked.topk(kk + 1, dim=-1, sorted=False)
+    low, at = values.min(dim=-1, keepdim=True)
+    tied = torch.isfinite(low[..., 0]) & ((values == low).sum(dim=-1) >= 2)
+    keep = torch.ones_like(idx, dtype=torch.bool).scatter_(-1, at, False)
+    idx = idx[keep].view(*idx.shape[:-1], kk)  # drop the (k+1)-th
     if tied.any():
-        rows, th = masked[tied], kth[tied][:, None]  # [R, T], [R, 1]
+        rows = masked[tied]  # [R, T]
+        th = values[tied].masked_fill(~keep[tied], math.inf).min(dim=-1, keepdim=True).values  # the k-th score
         above = rows > th
         equal = rows == th
         need = kk - above.sum(dim=-1, keepdim=True)

@@ -4,9 +4,9 @@
   the indexer is skipped. A prefill chunk in that regime uses the non-absorbed "MHA" form (per-head
   keys and values expanded from the latents; fused scaled-dot-product attention), as DeepSeek's own
   inference code does for prefill.
-- Beyond top-k the indexer selects; a slab of queries whose visible keys are at most
-  ``_DENSE_RATIO`` × top-k scores them densely with the selection as a mask (no copies), a longer one
-  gathers only the selected latents per query.
+- Beyond top-k the indexer selects; a slab of queries whose visible keys are few enough
+  (``_dense_limit``: a cost model) scores them densely with the selection as a mask (no copies), a
+  longer one gathers only the selected latents per query.
 - Decode tokens of all sequences attend as one batch (absorbed "MQA" form over the latents).
 
 Everything here must equal ``MLA.forward`` on a ``ContiguousKVCache`` (the reference path); the
@@ -27,8 +27,9 @@ from .step import PagedLayers, StepBatch, read_batch_rows, read_rows
 if TYPE_CHECKING:
     from .mla import MLA
 
-_DENSE_RATIO = 4  # masked dense scores while a slab sees ≤ this × top-k keys
+_COPY_COST = 32  # multiply-adds one gathered value costs (measured on CPU: ~0.7 ns per value incl. its scoring vs ~0.02 ns per multiply-add in a large GEMM)
 _SLAB_BUDGET = 1 << 22  # score elements of one query slab ([s', H, T'] floats)
+_GATHER_BUDGET = 1 << 20  # gathered latent values of one query slab ([s', K, C])
 
 
 def write_step(cache: PagedLayers, layer: int, batch: StepBatch, latent: torch.Tensor, keys: IndexKeys) -> None:
@@ -111,10 +112,10 @@ def _gathered_attention(
 ) -> torch.Tensor:
     """Absorbed attention over each query's own K latents. q_lat [S, H, r], q_pe [S, H, p],
     sel [S, K, C], valid bool [S, K] → [S, H, r]."""
-    c_kv, k_pe = sel.split([mla.rank, mla.rope], dim=-1)
-    scores = torch.bmm(q_lat, c_kv.transpose(1, 2)).baddbmm_(q_pe, k_pe.transpose(1, 2))
+    # [q_lat | q_pe] against whole latents [c_kv | k_pe]: one pass over the gathered rows, not two.
+    scores = torch.bmm(torch.cat((q_lat, q_pe), dim=-1), sel.transpose(1, 2))
     scores = scores.float().mul_(mla.scale).masked_fill_(~valid[:, None], -math.inf)
-    return torch.bmm(scores.softmax(dim=-1).to(c_kv.dtype), c_kv)
+    return torch.bmm(scores.softmax(dim=-1).to(sel.dtype), sel[..., : mla.rank])
 
 
 def _prefill_sparse(
@@ -133,17 +134,40 @@ def _prefill_sparse(
     idx, valid = idx[0], valid[0]
     q_lat = _absorbed(mla, q_nope)
     out = q_lat.new_empty(n, mla.n_heads, mla.rank)
-    step = max(1, _SLAB_BUDGET // max(1, mla.n_heads * min(ctx, _DENSE_RATIO * mla.topk)))
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        t_hi = ctx - n + hi  # keys the slab's last query can see
-        if t_hi <= _DENSE_RATIO * mla.topk:
+    dense_upto = _dense_limit(mla)
+    width = lat.shape[-1]
+    gather_rows = max(1, _GATHER_BUDGET // (mla.topk * width))
+    buffer = None  # one gather buffer for all slabs: a fresh one per slab was page-faulted every time
+    lo = 0
+    while lo < n:
+        t_lo = ctx - n + lo + 1  # keys the slab's first query can see
+        if t_lo <= dense_upto:
+            hi = min(n, lo + max(1, _SLAB_BUDGET // (mla.n_heads * min(ctx, dense_upto))), n - (ctx - dense_upto))
+            hi = max(hi, lo + 1)
+            t_hi = ctx - n + hi  # keys the slab's last query can see
             # idx may point past t_hi at keys no query of the slab sees (invalid); indices are distinct per row.
             allowed = torch.zeros(hi - lo, ctx, dtype=torch.bool, device=lat.device).scatter_(1, idx[lo:hi], valid[lo:hi])
             out[lo:hi] = _masked_attention(mla, q_lat[None, lo:hi], q_pe[None, lo:hi], lat[None, :t_hi], allowed[None, :, :t_hi])[0]
         else:
-            out[lo:hi] = _gathered_attention(mla, q_lat[lo:hi], q_pe[lo:hi], lat[idx[lo:hi]], valid[lo:hi])
+            hi = min(n, lo + gather_rows)
+            if buffer is None:
+                buffer = lat.new_empty(gather_rows * idx.shape[1], width)
+            pick = idx[lo:hi]
+            sel = torch.index_select(lat, 0, pick.flatten(), out=buffer[: pick.numel()]).view(hi - lo, -1, width)
+            out[lo:hi] = _gathered_attention(mla, q_lat[lo:hi], q_pe[lo:hi], sel, valid[lo:hi])
+        lo = hi
     return _unabsorb(mla, out)
+
+
+def _dense_limit(mla: "MLA") -> int:
+    """Context up to which masked dense scores beat gathering each query's top-k latents.
+
+    Per query, dense scoring costs H·T·(2r + p) multiply-adds in one large GEMM; gathering copies K
+    latents of C values (a copied value costs ``_COPY_COST`` multiply-adds) and scores them in
+    small per-query GEMMs (about twice the cost per multiply-add)."""
+    per_key = mla.n_heads * (2 * mla.rank + mla.rope)
+    gather = mla.topk * (_COPY_COST * (mla.rank + mla.rope) + 2 * per_key)
+    return max(mla.topk, gather // per_key)
 
 
 def _decode(
@@ -170,7 +194,7 @@ def _decode(
     q_pos = (lens - 1)[:, None]
     k_pos = k_pos.masked_fill(~visible, torch.iinfo(torch.long).max)
     idx, valid = Indexer.select(iq, iw, keys, q_pos, k_pos, mla.topk)  # [d, 1, K]
-    if t <= _DENSE_RATIO * mla.topk:
+    if t <= _dense_limit(mla):
         allowed = torch.zeros(d, t, dtype=torch.bool, device=lat.device).scatter_(1, idx[:, 0], valid[:, 0])
         out = _masked_attention(mla, q_lat[:, None], q_pe[:, None], lat, allowed[:, None])[:, 0]
     else:
