@@ -7,7 +7,8 @@ one (see ``workers.host``). Each system gets a clean process; the benchmark alte
 Protocol: one JSON object per line on stdin → one per line on stdout, tagged ``@peer``:
 ``{"op": "load", "path", "dtype", "threads"}``, ``{"op": "forward", "ids"}`` → seconds of one forward
 with ``logits_to_keep=1``; ``{"op": "generate", "prompts", "new"}`` → seconds and token ids;
-``{"op": "matmul", "dtype"}`` → GFLOP/s of a 2048³ ``torch.mm``; ``{"op": "quit"}``.
+``{"op": "matmul", "dtype", "n"}`` → GFLOP/s of an n³ ``torch.mm``; ``{"op": "copy", "mib"}`` → GB/s
+of a large copy; ``{"op": "quit"}``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ def serve() -> None:
         op = cmd["op"]
         if op == "quit":
             return
-        if op == "load":
+        if op == "threads":
+            torch.set_num_threads(cmd["threads"])
+            out = {"threads": torch.get_num_threads()}
+        elif op == "load":
             torch.set_num_threads(cmd["threads"])
             model = C.load_hf(Path(cmd["path"]), C.DTYPES[cmd["dtype"]])
             out = {"threads": torch.get_num_threads()}
@@ -46,7 +50,9 @@ def serve() -> None:
         elif op == "generate":
             out = _generate(model, cmd["prompts"], cmd["new"])
         elif op == "matmul":
-            out = {"gflops": C.matmul_gflops_dtype(C.DTYPES[cmd["dtype"]], reps=cmd.get("reps", 2))}
+            out = {"gflops": C.matmul_gflops_dtype(C.DTYPES[cmd["dtype"]], cmd.get("n", 2048), reps=cmd.get("reps", 2))}
+        elif op == "copy":
+            out = {"gbs": C.copy_gbs(cmd.get("mib", 1024), reps=cmd.get("reps", 3))}
         else:
             out = {"error": f"unknown op {op!r}"}
         print(TAG + json.dumps(out), flush=True)
@@ -75,7 +81,8 @@ class HFPeer:
         root = Path(__file__).resolve().parents[1]
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.hf_peer"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, cwd=root)
-        self.threads = self.call(op="load", path=str(path), dtype=dtype, threads=threads)["threads"] if path else None
+        self.threads = self.call(op="load", path=str(path), dtype=dtype, threads=threads)["threads"] if path \
+            else self.call(op="threads", threads=threads)["threads"]
 
     def call(self, **cmd) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")

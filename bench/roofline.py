@@ -140,15 +140,19 @@ def main() -> None:
           f"{dtype_name} (stored bf16), index_topk {config.index_topk}, indexer: engine default "
           f"({'exact fp32' if dtype == torch.float32 else 'fp8'})  ", flush=True)
 
-    # 1. limits
+    # 1. limits, measured in a process of their own with the engine's thread count (bench.hf_peer)
+    from bench.hf_peer import HFPeer
+
+    probe = HFPeer(None, dtype_name, args.threads)
     peak = {name: [] for name in C.DTYPES}
     bw: list[float] = []
     for _ in range(reps):
-        for name, dt in C.DTYPES.items():
+        for name in C.DTYPES:
             C.wait_quiet()
-            peak[name] += C.matmul_gflops_dtype(dt, mm_n, reps=3)
+            peak[name] += probe.call(op="matmul", dtype=name, n=mm_n, reps=3)["gflops"]
         C.wait_quiet()
-        bw += C.copy_gbs(copy_mib, reps=3)
+        bw += probe.call(op="copy", mib=copy_mib, reps=3)["gbs"]
+    probe.close()
     peak_m = {k: C.median(v) for k, v in peak.items()}
     bw_m = C.median(bw)
     print("\n### Machine limits\n")

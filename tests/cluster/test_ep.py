@@ -35,7 +35,7 @@ def ep_cluster(cluster_ckpt):
     port = free_port()
     group = {"replicas": 1, "num_blocks": 64, "num_cpus": 0.1, "ep_size": 2, "ep_timeout_s": EP_TIMEOUT_S}
     config = ClusterConfig.model_validate({
-        "model": str(cluster_ckpt), "transfer": "ray", "lease_s": 10, "transfer_timeout_s": 3,
+        "model": str(cluster_ckpt), "dtype": "float32", "transfer": "ray", "lease_s": 10, "transfer_timeout_s": 3,
         "routing": {"local_prefill_max_tokens": 0}, "prefill": group, "decode": group,
         "router": {"grpc_port": port, "http_port": free_port()},
     })

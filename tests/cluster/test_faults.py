@@ -32,7 +32,7 @@ def live_cluster(request, cluster_ckpt):
 
     port = free_port()
     config = ClusterConfig.model_validate({
-        "model": str(cluster_ckpt), "transfer": request.param, "lease_s": 10, "transfer_timeout_s": 3,
+        "model": str(cluster_ckpt), "dtype": "float32", "transfer": request.param, "lease_s": 10, "transfer_timeout_s": 3,
         "routing": {"local_prefill_max_tokens": 0},
         "prefill": {"replicas": 1, "num_blocks": 64, "num_cpus": 0.1},
         "decode": {"replicas": 2, "num_blocks": 64, "num_cpus": 0.1},
