@@ -53,12 +53,13 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads for both systems")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size (default: the real one)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers side")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="weights and activations of both systems (default: float32, the parity dtype)")
     p.add_argument("--max-quiet-wait", type=float, default=None,
                    help="seconds to wait for an idle machine before each timed repetition (default 45, --quick 2)")
     if extra is not None:
         extra(p)
+    if "--dtype" not in p._option_string_actions:
+        p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="weights and activations of both systems (default: float32, the parity dtype)")
     args = p.parse_args()
     global QUIET_MAX_WAIT_S
     QUIET_MAX_WAIT_S = args.max_quiet_wait if args.max_quiet_wait is not None else (2.0 if args.quick else 45.0)
@@ -171,23 +172,9 @@ def model_config(preset: str = DEFAULT_PRESET, vocab: int | None = None, max_pos
 
 def checkpoint(preset: str = DEFAULT_PRESET, vocab: int | None = None) -> Path:
     """A random checkpoint (seed 0, HF layout, bf16 tensors as ``dsaserve model init`` writes), made
-    once in the cache. Both systems load it into float32."""
-    from workers.model.writer import random_state_dict, write_checkpoint
-
-    config = model_config(preset, vocab)
+    once in the cache."""
     name = f"{preset}-seed{SEED}" + (f"-vocab{vocab}" if vocab is not None else "")
-    path = bench_cache() / name
-    if (path / "config.json").is_file():
-        return path
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write_checkpoint(tmp, config, random_state_dict(config, seed=SEED))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(path)
-    except OSError:
-        if not (path / "config.json").is_file():
-            raise
-    return path
+    return config_checkpoint(model_config(preset, vocab), name)
 
 
 def load_hf(path: Path, dtype: torch.dtype = torch.float32):

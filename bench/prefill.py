@@ -108,30 +108,32 @@ def main() -> None:
 
     one_chunk = n > 2048  # the engine default chunk is 2048 tokens
     dtype = C.DTYPES[args.dtype]
-    systems = {"ours": DsaserveTTFT(path, dtype)}
+    # One dsaserve backend alive at a time (two engine threads' OpenMP teams slow each other: see
+    # workers.host); transformers and the matmul probe run in a peer process.
+    factories = {"ours": lambda: DsaserveTTFT(path, dtype)}
     if one_chunk:
-        systems["ours_1chunk"] = DsaserveTTFT(path, dtype, max_num_batched_tokens=n)
+        factories["ours_1chunk"] = lambda: DsaserveTTFT(path, dtype, max_num_batched_tokens=n)
     from bench.hf_peer import HFPeer
 
-    peer = HFPeer(None if args.no_hf else path, args.dtype, args.threads)  # transformers and the matmul probe
+    peer = HFPeer(None if args.no_hf else path, args.dtype, args.threads)
     hf_model = None if args.no_hf else peer
-    for i, run in enumerate(systems.values()):  # warm-up, each on its own fresh prompts
-        run(n, 1000 + 10 * i)
+    times: dict[str, list[float]] = {k: [] for k in [*factories, "hf"]}
+    mms: list[float] = []
+    for i, (k, make) in enumerate(factories.items()):
+        run = make()
+        run(n, 1000 + 10 * i)  # warm-up on fresh prompts
         run(n, 1001 + 10 * i)
+        for rep in range(reps):
+            C.wait_quiet()
+            times[k].append(run(n, 20_000 * (1 + i) + rep))
+        run.close()
     if hf_model is not None:
         hf_forward(hf_model, min(n, 512), 1100)
-    # Interleaved repetitions (the machine is shared: each system sees the same load pattern).
-    times: dict[str, list[float]] = {k: [] for k in [*systems, "hf"]}
-    mms: list[float] = []
     for rep in range(reps):
         C.wait_quiet()
         mms += peer.call(op="matmul", dtype=args.dtype)["gflops"]
-        for k, run in systems.items():
-            times[k].append(run(n, 20_000 * (1 + list(systems).index(k)) + rep))
         if hf_model is not None:
             times["hf"].append(hf_forward(hf_model, n, 90_000 + rep))
-    for run in systems.values():
-        run.close()
     mm = C.median(mms)
     ours = times["ours"]
     ours_1chunk = times.get("ours_1chunk") or ours
@@ -153,7 +155,7 @@ def main() -> None:
         rows.append(["transformers forward (eager, logits_to_keep=1)", C.fmt_times(hf), f"{total / C.median(hf) / 1e9:.1f}",
                      f"{100 * total / C.median(hf) / 1e9 / mm:.1f} %", "1.00× (baseline)"])
     print(f"{args.dtype} torch.mm 2048³ throughput: **{mm:.1f} GFLOP/s** (median of {len(mms)}, range {min(mms):.1f}–{max(mms):.1f}; "
-          f"measured before each repetition, interleaved with the systems)\n")
+          f"measured in the transformers process before each of its repetitions)\n")
     print(C.markdown_table(["system", "seconds: median (min–max, n)", "model GFLOP/s", "% of matmul", "speed-up vs transformers"], rows))
     print("\nAnalytic model FLOPs of this prefill (2 per multiply-add; causal: query t scores t+1 keys):\n")
     print(C.markdown_table(["part", "GFLOP", "share"], [[k, f"{v / 1e9:.3f}", f"{100 * v / total:.1f} %"] for k, v in flops.items()]))

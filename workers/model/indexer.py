@@ -24,6 +24,7 @@ from .rope import apply_neox
 IndexerMode = Literal["exact", "fp8"]
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _SCORE_BUDGET = 1 << 23  # float32 scores of one query slab [B, s', T] (32 MiB)
+_SLAB_ROWS = 512  # query rows per slab at most: keeps key tiles (below) wide enough for efficient GEMMs
 _TILE_BUDGET = 1 << 20  # float32 per-head logits of one key tile [B, s'·H, tile] (4 MiB: stays in cache)
 
 
@@ -141,7 +142,7 @@ class Indexer(nn.Module):
         b, s, h, d = q.shape
         t = kd_t.shape[-1]
         kk = min(k, t)
-        rows = max(1, min(s, _SCORE_BUDGET // max(1, b * t)))
+        rows = max(1, min(s, _SLAB_ROWS, _SCORE_BUDGET // max(1, b * t)))
         idx = torch.zeros(b, s, kk, dtype=torch.long, device=q.device)
         valid = torch.zeros(b, s, kk, dtype=torch.bool, device=q.device)
         # One score buffer for every slab: a fresh tensor this large is page-faulted in each time.
