@@ -13,6 +13,11 @@ import torch
 from .types import SamplingParams, TokenLogprob
 
 
+# Below this, dividing by the temperature can overflow float32 and the distribution is a one-hot of the
+# argmax anyway: such temperatures sample greedily (vLLM uses the same threshold).
+MIN_TEMPERATURE = 1e-5
+
+
 def make_generator(params: SamplingParams) -> torch.Generator | None:
     """A per-request generator when the request has a seed (same seed → same tokens)."""
     if params.seed is None:
@@ -32,6 +37,7 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         probs = sorted_logits.softmax(-1)
         # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[0] = False  # the most likely token always stays (a top_p below float32's range rounds to 0)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
@@ -48,11 +54,14 @@ def sample(
     greedy = logits.max(dim=-1).indices.tolist()
     tokens: list[int] = []
     for row, p in enumerate(params):
-        if p.temperature == 0.0:
+        if p.temperature < MIN_TEMPERATURE:
             tokens.append(greedy[row])
             continue
         scaled = _filter(logits[row].float() / p.temperature, p.top_k, p.top_p)
         probs = scaled.softmax(-1)
+        if not bool(torch.isfinite(probs).all()):  # non-finite logits (e.g. overflow): never crash, pick greedily
+            tokens.append(greedy[row])
+            continue
         tokens.append(int(torch.multinomial(probs, 1, generator=generators[row]).item()))
     entries: list[TokenLogprob | None] = [None] * len(tokens)
     wanted = [row for row, p in enumerate(params) if p.logprobs is not None]
