@@ -48,7 +48,8 @@ from router.policy import (
 )
 
 TRACE_BLOCK = 512  # tokens per hash id in the Mooncake trace
-DEFAULT_TRACE = "/work/shared/data/mooncake/conversation_trace.jsonl"
+# The shared reference data sits beside the project checkout (../shared/data from the project root).
+DEFAULT_TRACE = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake" / "conversation_trace.jsonl")
 
 
 @dataclass(frozen=True)
