@@ -204,8 +204,7 @@ def _topk_earliest_on_ties(masked: torch.Tensor, k: int) -> torch.Tensor:
     keep = torch.ones_like(idx, dtype=torch.bool).scatter_(-1, at, False)
     idx = idx[keep].view(*idx.shape[:-1], kk)  # drop the (k+1)-th
     if tied.any():
-        rows = masked[tied]  # [R, T]
-        th = values[tied].masked_fill(~keep[tied], math.inf).min(dim=-1, keepdim=True).values  # the k-th score
+        rows, th = masked[tied], low[tied]  # [R, T]; in a tied row the k-th score equals the (k+1)-th
         above = rows > th
         equal = rows == th
         need = kk - above.sum(dim=-1, keepdim=True)

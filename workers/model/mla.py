@@ -117,6 +117,14 @@ class MLA(nn.Module):
         out = attend_step(self, cache, layer, batch, q_nope[0], q_pe[0], latent, (x, qr[0], rope[0], rope[1]))
         return self.wo(out.flatten(1))
 
+    def absorb(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [..., H, n] → the query in latent space [..., H, r] (W_UK folded into the query)."""
+        return torch.einsum("...hn,hnr->...hr", q_nope, self._wkv_b()[0])
+
+    def unabsorb(self, o: torch.Tensor) -> torch.Tensor:
+        """Attention output in latent space [..., H, r] → [..., H, v] (W_UV applied after attention)."""
+        return torch.einsum("...hr,hvr->...hv", o, self._wkv_b()[1])
+
     def _wkv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, n, r] and W_UV [H, v, r] views of wkv_b."""
         w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
@@ -155,8 +163,7 @@ class MLA(nn.Module):
         the selected latents [B, s1-s0, K, C] (from a paged cache: only those blocks' rows are read)
         → [B, S, H, v].
         """
-        w_uk, w_uv = self._wkv_b()
-        q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)
+        q_lat = self.absorb(q_nope)
         b, s, k = idx.shape
         out = q_nope.new_empty(b, s, self.n_heads, self.rank)
         step = max(1, _GATHER_BUDGET // max(1, b * k * (self.rank + self.rope)))
@@ -169,4 +176,4 @@ class MLA(nn.Module):
             scores = scores.float().mul(self.scale).masked_fill(~valid[:, lo:hi, None, :], -math.inf)
             probs = scores.softmax(dim=-1).to(c_kv.dtype)
             out[:, lo:hi] = torch.einsum("bshk,bskr->bshr", probs, c_kv)
-        return torch.einsum("bshr,hvr->bshv", out, w_uv)
+        return self.unabsorb(out)

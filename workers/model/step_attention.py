@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .cache import EMPTY_POSITION
 from .indexer import Indexer, IndexKeys
 from .step import PagedLayers, StepBatch, read_batch_rows, read_rows
 
@@ -81,18 +82,6 @@ def _prefill_dense(mla: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, lat: to
     return o.transpose(0, 1)
 
 
-def _absorbed(mla: "MLA", q_nope: torch.Tensor) -> torch.Tensor:
-    """q_nope [..., H, n] → q in latent space [..., H, r] (W_UK folded into the query)."""
-    w_uk, _ = mla._wkv_b()
-    return torch.einsum("...hn,hnr->...hr", q_nope, w_uk)
-
-
-def _unabsorb(mla: "MLA", o: torch.Tensor) -> torch.Tensor:
-    """o [..., H, r] → [..., H, v] (W_UV after the attention)."""
-    _, w_uv = mla._wkv_b()
-    return torch.einsum("...hr,hvr->...hv", o, w_uv)
-
-
 def _masked_attention(
     mla: "MLA", q_lat: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor, allowed: torch.Tensor
 ) -> torch.Tensor:
@@ -132,7 +121,7 @@ def _prefill_sparse(
     k_pos = torch.arange(ctx, device=lat.device)[None]
     idx, valid = Indexer.select(iq, iw, IndexKeys(keys.values[None], keys.scale[None]), q_pos, k_pos, mla.topk)
     idx, valid = idx[0], valid[0]
-    q_lat = _absorbed(mla, q_nope)
+    q_lat = mla.absorb(q_nope)
     out = q_lat.new_empty(n, mla.n_heads, mla.rank)
     dense_upto = _dense_limit(mla)
     width = lat.shape[-1]
@@ -156,7 +145,7 @@ def _prefill_sparse(
             sel = torch.index_select(lat, 0, pick.flatten(), out=buffer[: pick.numel()]).view(hi - lo, -1, width)
             out[lo:hi] = _gathered_attention(mla, q_lat[lo:hi], q_pe[lo:hi], sel, valid[lo:hi])
         lo = hi
-    return _unabsorb(mla, out)
+    return mla.unabsorb(out)
 
 
 def _dense_limit(mla: "MLA") -> int:
@@ -183,16 +172,16 @@ def _decode(
     t = lat.shape[1]
     k_pos = torch.arange(t, device=lat.device).expand(d, t)
     visible = k_pos < lens[:, None]  # [d, T]
-    q_lat = _absorbed(mla, q_nope)  # [d, H, r]
+    q_lat = mla.absorb(q_nope)  # [d, H, r]
     if t_max <= mla.topk:
         out = _masked_attention(mla, q_lat[:, None], q_pe[:, None], lat, visible[:, None])[:, 0]
-        return _unabsorb(mla, out)
+        return mla.unabsorb(out)
     keys = IndexKeys(read_batch_rows(cache.index_k(layer), tables, t_max),
                      read_batch_rows(cache.index_scale(layer), tables, t_max))
     x, qr, cos, sin = (v[:d, None] for v in index_inputs)
     iq, iw = mla.indexer.queries(x, qr, cos, sin)  # [d, 1, Hi, D], [d, 1, Hi]
     q_pos = (lens - 1)[:, None]
-    k_pos = k_pos.masked_fill(~visible, torch.iinfo(torch.long).max)
+    k_pos = k_pos.masked_fill(~visible, EMPTY_POSITION)
     idx, valid = Indexer.select(iq, iw, keys, q_pos, k_pos, mla.topk)  # [d, 1, K]
     if t <= _dense_limit(mla):
         allowed = torch.zeros(d, t, dtype=torch.bool, device=lat.device).scatter_(1, idx[:, 0], valid[:, 0])
@@ -200,4 +189,4 @@ def _decode(
     else:
         sel = lat[torch.arange(d, device=lat.device)[:, None], idx[:, 0]]  # [d, K, C]: each row's own K
         out = _gathered_attention(mla, q_lat, q_pe, sel, valid[:, 0])
-    return _unabsorb(mla, out)
+    return mla.unabsorb(out)
