@@ -9,6 +9,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -390,8 +391,23 @@ def cpu_flags() -> set[str]:
 
 
 def default_dtype_name() -> str:
-    """bfloat16 where the CPU has native bf16 matmul instructions (AVX512-BF16 or AMX-BF16), else float32."""
-    return "bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"
+    """What ``--dtype auto`` picks on this machine (bfloat16 where the CPU computes it natively)."""
+    from workers.model.device import dtype_name, resolve_dtype
+
+    return dtype_name(resolve_dtype("auto"))
+
+
+def stop_peer(proc, timeout_s: float) -> None:
+    """Ask a benchmark peer process (JSON lines on stdin) to quit; kill it if it does not in time."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.stdin.write('{"op": "quit"}\n')
+        proc.stdin.flush()
+        proc.wait(timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait()
 
 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:

@@ -96,12 +96,9 @@ class HFPeer:
         raise RuntimeError(f"the transformers peer exited (code {self.proc.wait()})")
 
     def close(self) -> None:
-        try:
-            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
+        from bench import common as C
+
+        C.stop_peer(self.proc, 30)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import threading
 import time
 from dataclasses import dataclass, field

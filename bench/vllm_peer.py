@@ -196,14 +196,7 @@ class VllmPeer:
         return got["time"], got["outputs"]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
+        C.stop_peer(self.proc, 60)
         self.workdir.cleanup()
         if self.log_file is not None:
             self.log_file.close()
