@@ -8,11 +8,9 @@ router. ``run(config)`` starts a local Ray when no address is given.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from pathlib import Path
 
 import ray
@@ -25,9 +23,10 @@ from cluster.ep import serve_options
 from cluster.servers import STATS_BOARD, DecodeServer, PrefillServer, ensure_stats_board
 from kvstore.redis_index import RedisKVIndex
 from kvstore.transfer import TransferError
-from router.backend import AdmissionError, BackendUnavailable, ModelInfo
-from router.disagg import continue_request, generate_disaggregated
+from router.backend import ModelInfo
+from router.dispatch import DispatchConfig, Dispatcher
 from router.frontend import Frontend
+from router.limits import RequestLimits
 from router.policy import DSACostModel, RoutingConfig, make_policy
 from router.routing import CacheAwareRouting
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
@@ -36,10 +35,10 @@ from router.tokenizer import Tokenizer
 from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerStats
 from workers.model.config import ModelConfig
 
-log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 STATS_REFRESH_S = 0.25
 RETRY_BACKOFF_S = 0.5
+ROUTER_SPARE_CALLS = 64
 
 GRPC_SERVICERS = [
     "router.proto.dsaserve.v1.dsaserve_pb2_grpc.add_DsaServeServicer_to_server",
@@ -92,34 +91,20 @@ class _DecodeClient:
             stream.cancel()
 
 
-class RayBackend:
-    """``router.backend.Backend`` over the prefill and decode deployments, routed cache-aware."""
+class RayWorkers:
+    """``router.dispatch.WorkerSet`` over the prefill and decode deployments; worker stats come from
+    the ``StatsBoard`` (refreshed at most every ``STATS_REFRESH_S``)."""
 
-    def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, info: ModelInfo,
-                 routing: CacheAwareRouting) -> None:
+    mode = "cluster"
+    retryable: tuple[type[BaseException], ...] = (ray.exceptions.RayError,)
+    expects_prefill = True
+
+    def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle) -> None:
         self._prefill, self._decode = prefill, decode
-        self._info = info
-        self.routing = routing
-        self.in_flight = 0
-        self.requests_total = 0
-        self.errors_total = 0
-        self.routes: dict[str, int] = {}  # decisions by reason
         self._workers: list[WorkerStats] = []
         self._workers_at = 0.0
 
-    def info(self) -> ModelInfo:
-        return self._info
-
-    def stats(self) -> dict:
-        try:
-            board = ray.get(ray.get_actor(STATS_BOARD).all.remote(), timeout=5)
-        except Exception:  # the board is gone: report the router alone
-            board = []
-        router = {"requests_total": self.requests_total, "in_flight": self.in_flight, "errors_total": self.errors_total,
-                  "routes": dict(self.routes), "index_errors": self.routing.index_errors}
-        return {"mode": "cluster", "router": router, "workers": [WorkerStats.from_json(w) for w in board]}
-
-    async def _worker_stats(self) -> list[WorkerStats]:
+    async def current(self) -> list[WorkerStats]:
         if time.monotonic() - self._workers_at > STATS_REFRESH_S:
             try:
                 board = await ray.get_actor(STATS_BOARD).all.remote()
@@ -130,62 +115,24 @@ class RayBackend:
             self._workers_at = time.monotonic()
         return self._workers
 
-    async def _route(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        decision = await self.routing.decide(req, await self._worker_stats())
-        self.routes[decision.reason] = self.routes.get(decision.reason, 0) + 1
-        decode = _DecodeClient(self._decode, decision.decode_worker)
-        if decision.prefill_worker is None:  # conditional disaggregation: prefill on the decode worker
-            async with aclosing(decode.generate(req)) as outs:
-                async for out in outs:
-                    yield out
-            return
-        uncached = len(req.prompt_token_ids) - decision.expected_cached_tokens
-        self.routing.assign(decision.prefill_worker, uncached)
-        assigned = True
-        stream = generate_disaggregated(req, _PrefillClient(self._prefill, decision.prefill_worker), decode,
-                                        eos_token_id=self._info.eos_token_id, max_model_len=self._info.max_context)
+    def snapshot(self) -> list[WorkerStats]:
         try:
-            async with aclosing(stream) as outs:
-                async for out in outs:
-                    if assigned:  # the first output means the prefill is done
-                        self.routing.done(decision.prefill_worker, uncached)
-                        assigned = False
-                    yield out
-        finally:
-            if assigned:
-                self.routing.done(decision.prefill_worker, uncached)
+            board = ray.get(ray.get_actor(STATS_BOARD).all.remote(), timeout=5)
+        except Exception:  # the board is gone: report the router alone
+            board = []
+        return [WorkerStats.from_json(w) for w in board]
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        if self.in_flight >= self._info.max_queue:
-            raise AdmissionError(f"admission queue full ({self._info.max_queue} requests in flight)")
-        self.in_flight += 1
-        self.requests_total += 1
-        sent: list[int] = []
-        ttft: float | None = None
-        try:
-            for attempt in range(MAX_ATTEMPTS):
-                if not sent:
-                    stream = self._route(req)
-                else:  # a replica died mid-stream: go on from what the client already has
-                    stream = continue_request(req, tuple(sent), _DecodeClient(self._decode), ttft=ttft)
-                try:
-                    async with aclosing(stream) as outs:
-                        async for out in outs:
-                            sent.extend(out.new_token_ids)
-                            ttft = out.ttft_s if ttft is None else ttft
-                            if out.finish_reason == "error":
-                                self.errors_total += 1
-                            yield out
-                    return
-                except ray.exceptions.RayError as e:
-                    log.warning("request %s: worker failed (%s); attempt %d of %d", req.request_id,
-                                type(e).__name__, attempt + 1, MAX_ATTEMPTS)
-                    self._workers_at = 0.0  # refresh stats: the dead worker drops out
-                    await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))  # let Serve route around it
-            self.errors_total += 1
-            raise BackendUnavailable(f"workers failed {MAX_ATTEMPTS} times for request {req.request_id}")
-        finally:
-            self.in_flight -= 1
+    def refresh(self) -> None:
+        self._workers_at = 0.0
+
+    def health_error(self) -> str | None:
+        return None
+
+    def prefill(self, worker_id: str) -> _PrefillClient:
+        return _PrefillClient(self._prefill, worker_id)
+
+    def decode(self, worker_id: str | None) -> _DecodeClient:
+        return _DecodeClient(self._decode, worker_id)
 
 
 class _Aborted(Exception):
@@ -224,11 +171,13 @@ class RouterServer:
         mc = ModelConfig.from_hf(model_dir)
         max_context = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         tokenizer = Tokenizer.load(model_dir)
+        limits = RequestLimits(**cfg.router.limits.model_dump())
         info = ModelInfo(
             model_id=Path(model_dir).name, vocab_size=mc.vocab_size, max_context=max_context,
             max_tokens_limit=max_context - 1, max_queue=cfg.router.max_queue, block_size=cfg.block_size,
             eos_token_id=mc.eos_token_id, bos_token_id=mc.bos_token_id, index_topk=mc.index_topk,
             has_tokenizer=tokenizer is not None,
+            limits=limits.resolved(max_context=max_context, max_queue=cfg.router.max_queue),
         )
         index = None
         if cfg.redis_url:
@@ -238,7 +187,9 @@ class RouterServer:
                                       temperature_s=r.temperature_s, cost=DSACostModel.from_model_config(mc))
         routing = CacheAwareRouting(make_policy(r.policy, policy_config), index, model_id=info.model_id,
                                     block_size=cfg.block_size)
-        self.backend = RayBackend(prefill, decode, info, routing)
+        self.backend = Dispatcher(RayWorkers(prefill, decode), info, routing,
+                                  DispatchConfig(startup_timeout_s=cfg.router.startup_timeout_s,
+                                                 max_attempts=MAX_ATTEMPTS, retry_backoff_s=RETRY_BACKOFF_S))
         self.servicer = DsaServeServicer(Frontend(self.backend, tokenizer))
 
     async def _stream(self, call, grpc_context) -> AsyncIterator:
@@ -277,12 +228,19 @@ class RouterServer:
         return await self.servicer.Status(request, _ServeContext(grpc_context))
 
     async def Check(self, request, grpc_context):
+        """SERVING only while a Generate would succeed (``Dispatcher.health``)."""
         from grpc_health.v1 import health_pb2
 
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        ok = await self.backend.health() is None
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
 
     def stats(self) -> dict:
         return self.backend.stats()
+
+    async def ready(self) -> str | None:
+        """Why a Generate would not succeed now (None: it would)."""
+        return await self.backend.health()
 
 
 def redis_options(config: ClusterConfig) -> dict:
@@ -327,15 +285,21 @@ def build_app(config: ClusterConfig, model_dir: Path):
 
     prefill = group(PrefillServer, "prefill", config.prefill)
     decode = group(DecodeServer, "decode", config.decode)
+    # The router admits max_queue requests in flight (RESOURCE_EXHAUSTED with pushback beyond); Serve
+    # lets a little more through for health and status calls, and its own queue is bounded too (its
+    # overflow is RESOURCE_EXHAUSTED as well), so nothing queues without bound.
     router = serve.deployment(RouterServer, name="router").options(
         num_replicas=config.router.replicas, ray_actor_options={"num_cpus": 0.1},
-        max_ongoing_requests=config.router.max_queue,
+        max_ongoing_requests=config.router.max_queue + ROUTER_SPARE_CALLS,
+        max_queued_requests=config.router.max_queue,
     )
     return router.bind(prefill, decode, str(model_dir), config.model_dump())
 
 
 def start(config: ClusterConfig, address: str | None = None) -> DeploymentHandle:
-    """Start (or join) Ray, start Serve's proxies on the configured ports, deploy the app."""
+    """Start (or join) Ray, start Serve's proxies on the configured ports, deploy the app. With
+    ``router.tls`` Serve's gRPC proxy takes ``router.tls.upstream_port``: the caller runs the TLS
+    front on ``router.grpc_port`` (router/tls_front.py)."""
     model_dir = resolve_model(config.model)
     if not ray.is_initialized():
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
@@ -344,7 +308,8 @@ def start(config: ClusterConfig, address: str | None = None) -> DeploymentHandle
     ensure_stats_board()
     serve.start(
         http_options={"host": config.router.host, "port": config.router.http_port},
-        grpc_options=gRPCOptions(port=config.router.grpc_port, grpc_servicer_functions=GRPC_SERVICERS),
+        grpc_options=gRPCOptions(port=config.router.tls.upstream_port if config.router.tls else config.router.grpc_port,
+                                 grpc_servicer_functions=GRPC_SERVICERS),
     )
     return serve.run(build_app(config, model_dir), name=config.app_name, route_prefix="/")
 
@@ -355,13 +320,23 @@ def shutdown() -> None:
 
 
 def wait_ready(handle: DeploymentHandle, config: ClusterConfig, timeout_s: float = 120.0) -> dict:
-    """Block until every replica reports stats (or the timeout passes); returns the stats."""
+    """Block until a Generate would succeed (the router's readiness) and every replica reports
+    stats, or the timeout passes; returns the stats.
+
+    Raises:
+        TimeoutError: the router never became ready (its reason is in the message).
+    """
     expected = config.prefill.replicas + config.decode.replicas
     deadline = time.monotonic() + timeout_s
     while True:
+        problem = handle.ready.remote().result()
         stats = handle.stats.remote().result()
-        if len(stats["workers"]) >= expected or time.monotonic() > deadline:
+        if problem is None and len(stats["workers"]) >= expected:
             return stats
+        if time.monotonic() > deadline:
+            if problem is None:
+                return stats  # serving, with fewer replicas than configured
+            raise TimeoutError(f"cluster not ready after {timeout_s:g} s: {problem}")
         time.sleep(0.5)
 
 

@@ -4,6 +4,7 @@
     dsaserve model info PATH [--dtype bfloat16|float32|float8] [--json]
     dsaserve local | generate | client generate | batch      (cluster/cli_serve.py)
     dsaserve serve --config FILE | status                     (cluster/cli_cluster.py)
+    dsaserve tls-front --listen H:P --upstream H:P --tls-cert F --tls-key F   (cluster/cli_tls.py)
 
 Errors a user can fix (bad config, broken checkpoint, bad argument) exit with status 2 and one line.
 """

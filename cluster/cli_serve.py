@@ -1,9 +1,12 @@
 """Serving subcommands of the ``dsaserve`` CLI (``register`` adds them to its argparse tree).
 
     dsaserve local [--model DIR] [--dtype auto|float32|bfloat16] [--host 127.0.0.1] [--port 50051]
+                   [--tls-cert F --tls-key F [--tls-client-ca F]]
     dsaserve generate [--model DIR] [--dtype ...] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N] [sampling]
                       [--json] [--ep-size N]
     dsaserve client generate [--address HOST:PORT] (--prompt ... | --prompt-ids ...) [sampling] [--json]
+                             [--tls-ca F [--tls-cert F --tls-key F] [--tls-server-name NAME]]
+    dsaserve client health [--address HOST:PORT] [--service NAME] [TLS flags]   (exit 0: SERVING)
     dsaserve batch [--model DIR] [--dtype ...] --input prompts.jsonl --output results.jsonl [--concurrency N]
 
 ``generate`` runs in process and ``client generate`` through a server; both print the same JSON
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.cli_args import id_list, port, positive_int
+from cluster.cli_tls import add_client_tls_args, add_server_tls_args, client_tls, server_tls
 from router.backend import AdmissionError, BackendUnavailable
 from workers.engine.types import RequestError
 from workers.model.config import ConfigError
@@ -38,6 +42,11 @@ def register(commands: Any) -> None:
     _add_model_arg(local)
     local.add_argument("--host", default="127.0.0.1")
     local.add_argument("--port", type=port, default=50051, help="0 picks a free port (default: 50051)")
+    local.add_argument("--max-queue", type=positive_int, default=None,
+                       help="requests in flight before RESOURCE_EXHAUSTED (default: 1024)")
+    local.add_argument("--limit", action="append", default=[], metavar="NAME=N",
+                       help="a request limit (repeatable), e.g. max_stop_strings=8; ListModels reports them all")
+    add_server_tls_args(local)
     local.set_defaults(func=cmd_local)
 
     generate = commands.add_parser("generate", help="run one request offline, in process")
@@ -53,7 +62,15 @@ def register(commands: Any) -> None:
     client_generate.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT (default: 127.0.0.1:50051)")
     client_generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     _add_request_args(client_generate)
+    add_client_tls_args(client_generate)
     client_generate.set_defaults(func=cmd_client_generate)
+    client_health = client_sub.add_parser(
+        "health", help="ask grpc.health.v1 (no API key needed); exit 0 when SERVING, 1 otherwise")
+    client_health.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT (default: 127.0.0.1:50051)")
+    client_health.add_argument("--service", default="", help="service name (default: '', the whole server)")
+    client_health.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default: 5)")
+    add_client_tls_args(client_health)
+    client_health.set_defaults(func=cmd_client_health)
 
     batch = commands.add_parser("batch", help="run a JSONL file of requests offline (resumable)")
     _add_model_arg(batch)
@@ -93,17 +110,28 @@ async def _serve(args: argparse.Namespace) -> int:
     from router.tokenizer import Tokenizer
     from workers.model.device import dtype_name
 
+    from router.limits import RequestLimits
+    from workers.engine.config import EngineConfig
+
+    try:
+        limits = RequestLimits.from_pairs(args.limit)
+    except ValueError as e:
+        raise RequestError("limit", str(e)) from None
+    engine_config = EngineConfig(**({"max_queue": args.max_queue} if args.max_queue else {}))
+    tls = server_tls(args)  # before the model loads: a bad TLS file fails at once
     dtype = _dtype(args)
-    with LocalBackend.start(args.model, dtype=dtype, num_threads=_engine_threads()) as backend:
+    with LocalBackend.start(args.model, dtype=dtype, num_threads=_engine_threads(), engine_config=engine_config,
+                            limits=limits) as backend:
         tokenizer = Tokenizer.load(backend.model_dir)
-        server = await start_server(backend, tokenizer, args.host, args.port)
+        server = await start_server(backend, tokenizer, args.host, args.port, tls=tls)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         info = backend.info()
         print(
-            f"dsaserve: ready on {args.host}:{server_port(server)} (model {info.model_id} in {dtype_name(dtype)}, "
+            f"dsaserve: ready on {args.host}:{server_port(server)}{_tls_note(tls)} "
+            f"(model {info.model_id} in {dtype_name(dtype)}, "
             f"{'text and token ids' if tokenizer else 'token ids only'}; Ctrl-C stops)",
             flush=True,
         )
@@ -151,12 +179,34 @@ def cmd_client_generate(args: argparse.Namespace) -> int:
     from router.client import Client
 
     req = _request_from_args(args)
-    with Client(args.address, timeout=args.timeout) as client:
+    with Client(args.address, timeout=args.timeout, **client_tls(args)) as client:
         completion = client.generate(
             req.prompt, prompt_ids=req.prompt_ids, **{k: getattr(req.params, k) for k in _PARAM_NAMES}
         )
     _print_completion(completion, args.json)
     return 0
+
+
+@_user_errors
+def cmd_client_health(args: argparse.Namespace) -> int:
+    """Print the health status; 0 when SERVING, 1 otherwise or when the server cannot be asked (a
+    Kubernetes exec probe reads only the exit status)."""
+    from router.client import Client, DsaServeError
+
+    with Client(args.address, timeout=args.timeout, **client_tls(args)) as client:
+        try:
+            status = client.health(args.service)
+        except DsaServeError as e:
+            print(f"dsaserve: {args.address}: {e}", file=sys.stderr)
+            return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _tls_note(tls: Any) -> str:
+    if tls is None:
+        return ""
+    return " with mutual TLS" if tls.mutual else " with TLS"
 
 
 @_user_errors
@@ -171,7 +221,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
         summary = asyncio.run(job.run(frontend, concurrency=args.concurrency))
     print(
-        f"dsaserve: {summary.done} done ({summary.failed} with errors), {summary.skipped} already in {args.output}",
+        f"dsaserve: {summary.done} done ({summary.failed} with errors, {summary.retried} retried), "
+        f"{summary.skipped} already in {args.output}, {len(summary.duplicates)} duplicate ids not run",
         file=sys.stderr,
     )
     return 0

@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from router.tls import TLSFrontConfig
 from workers.engine.config import EngineConfig
 
 
@@ -34,20 +35,32 @@ class WorkerGroupConfig(_Strict):
     torch_threads: int = Field(1, ge=1, description="intra-op threads of the replica's torch")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources a replica needs (e.g. {dsaserve_prefill: 1} to keep it on its worker group)")
     host_cache_blocks: int = Field(0, ge=0, description="context cache: evicted KV blocks kept in host memory per replica")
-    disk_cache_dir: str | None = Field(None, description="context cache on disk (a per-replica subfolder is used); none: off")
-    disk_cache_blocks: int = Field(0, ge=0, description="most KV blocks kept on disk per replica")
+    disk_cache_dir: str | None = Field(None, description="context cache on disk, local to each node: every replica claims the "
+                                       "subfolder <role>-<n> with the lowest free n, so a restarted replica finds its "
+                                       "predecessor's blocks (kvstore/disk_slot.py); none: off")
+    disk_cache_blocks: int = Field(0, ge=0, description="most KV blocks kept on disk per replica (files left by a previous "
+                                   "replica in its folder count)")
 
-    def engine(self, *, block_size: int, max_model_len: int | None, max_queue: int, lease_s: float,
-               disk_subdir: str | None = None) -> EngineConfig:
-        disk = self.disk_cache_dir
-        if disk and disk_subdir:
-            disk = str(Path(disk) / disk_subdir)
+    def engine(self, *, block_size: int, max_model_len: int | None, max_queue: int, lease_s: float) -> EngineConfig:
         return EngineConfig(
             num_blocks=self.num_blocks, block_size=block_size, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=max_model_len,
             max_queue=max_queue, lease_s=lease_s, host_cache_blocks=self.host_cache_blocks,
-            disk_cache_dir=disk, disk_cache_blocks=self.disk_cache_blocks,
+            disk_cache_dir=self.disk_cache_dir, disk_cache_blocks=self.disk_cache_blocks,
         )
+
+
+class LimitsSettings(_Strict):
+    """Request limits the router enforces (router/limits.py RequestLimits; 0: derived, see there)."""
+
+    max_stop_strings: int = Field(16, ge=0, description="stop strings per request")
+    max_stop_string_chars: int = Field(256, ge=1, description="characters of one stop string")
+    max_stop_token_ids: int = Field(256, ge=0, description="stop token ids per request")
+    max_request_id_chars: int = Field(256, ge=1, description="characters of a request id")
+    max_cache_salt_chars: int = Field(256, ge=1, description="characters of a cache salt")
+    max_prompt_chars: int = Field(0, ge=0, description="characters of a text prompt, checked before tokenizing (0: max(2^20, 16 × context))")
+    max_message_bytes: int = Field(4 * 2**20, ge=1, description="largest gRPC request message (local mode; Serve's proxy keeps gRPC's 4 MiB)")
+    max_concurrent_streams: int = Field(0, ge=0, description="concurrent gRPC calls per server (local mode; 0: max_queue + 64)")
 
 
 class RouterConfig(_Strict):
@@ -58,6 +71,10 @@ class RouterConfig(_Strict):
     host: str = Field("127.0.0.1", description="address the proxies bind (0.0.0.0 in Kubernetes)")
     max_queue: int = Field(1024, ge=1, description="requests in flight before RESOURCE_EXHAUSTED")
     replicas: int = Field(1, ge=1, description="router replicas")
+    startup_timeout_s: float = Field(120.0, ge=0, description="calls arriving before any worker is ready wait this long, then get UNAVAILABLE")
+    limits: LimitsSettings = Field(default_factory=LimitsSettings, description="request limits (INVALID_ARGUMENT beyond them)")
+    tls: TLSFrontConfig | None = Field(None, description="TLS on grpc_port (cert_file, key_file, client_ca_file for "
+                                       "mutual TLS): Serve's proxy moves to tls.upstream_port behind a TLS front; none: plaintext")
 
 
 class RedisConfig(_Strict):

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import torch
 
 from kvstore.transfer import LocalTransfer
-from router.backend import AdmissionError, ModelInfo
-from router.disagg import generate_disaggregated
+from router.backend import ModelInfo
+from router.dispatch import DispatchConfig, Dispatcher
+from router.limits import RequestLimits
 from router.policy import RoutingConfig, make_policy
 from router.routing import CacheAwareRouting
 from workers.engine.config import EngineConfig
@@ -56,17 +56,52 @@ def default_model_dir(preset: str = DEFAULT_PRESET) -> Path:
     return path
 
 
+class LocalWorkers:
+    """``router.dispatch.WorkerSet`` over the engines of one process (their health: ``health_error``)."""
+
+    mode = "local"
+    retryable: tuple[type[BaseException], ...] = ()  # an engine in this process cannot vanish
+
+    def __init__(self, prefill: EngineWorker | None, decode: EngineWorker, health_error: Callable[[], str | None]) -> None:
+        self._prefill, self._decode, self._health_error = prefill, decode, health_error
+        self.expects_prefill = prefill is not None
+
+    async def current(self) -> list[WorkerStats]:
+        return self.snapshot()
+
+    def snapshot(self) -> list[WorkerStats]:
+        healthy = self._health_error() is None
+        workers = [w for w in (self._prefill, self._decode) if w is not None]
+        return [dataclasses.replace(w.stats(), healthy=healthy) for w in workers]
+
+    def refresh(self) -> None:
+        pass
+
+    def health_error(self) -> str | None:
+        return self._health_error()
+
+    def prefill(self, worker_id: str) -> EngineWorker:
+        assert self._prefill is not None and worker_id == self._prefill.worker_id
+        return self._prefill
+
+    def decode(self, worker_id: str | None) -> EngineWorker:
+        return self._decode
+
+
 class LocalBackend:
-    """The ``Backend`` of local mode. Requests run prefill → KV handle → decode across two engines
-    (``disaggregate=True``, the default) or wholly on one engine."""
+    """The ``Backend`` of local mode: a ``router.dispatch.Dispatcher`` over two engines. Requests run
+    prefill → KV handle → decode across them (``disaggregate=True``, the default) or wholly on one engine."""
 
     def __init__(self, model_dir: Path, engine_config: EngineConfig, *, disaggregate: bool = True,
                  dtype: torch.dtype = torch.float32, routing: RoutingConfig | None = None,
-                 model: DeepseekV32 | None = None, num_threads: int | None = None) -> None:
+                 model: DeepseekV32 | None = None, num_threads: int | None = None,
+                 limits: RequestLimits | None = None) -> None:
         """``dtype``: the weights' dtype (``workers.model.device.resolve_dtype`` turns a ``--dtype``
-        setting into one). ``model``: an already built model to serve (e.g. rank 0 of an
+        setting into one). ``routing``: the cluster's policy settings; None always disaggregates (local
+        mode exists to run that path). ``model``: an already built model to serve (e.g. rank 0 of an
         expert-parallel group); None loads ``model_dir``. ``num_threads``: intra-op threads of the engine
-        thread (``workers.host.prepare_serving_process`` returns the count to pass)."""
+        thread (``workers.host.prepare_serving_process`` returns the count to pass). ``limits``: request
+        limits (None: the defaults)."""
         self.model_dir = model_dir
         self.engine_config = engine_config
         model_id = model_dir.name
@@ -87,26 +122,28 @@ class LocalBackend:
         self.decode = EngineWorker(self.decode_engine)
         self.prefill = EngineWorker(self.prefill_engine) if self.prefill_engine else None
         mc = decode_model.config
+        max_context = self.decode_engine.max_model_len
         self._info = ModelInfo(
-            model_id=model_id, vocab_size=mc.vocab_size, max_context=self.decode_engine.max_model_len,
-            max_tokens_limit=self.decode_engine.max_model_len - 1, max_queue=engine_config.max_queue,
+            model_id=model_id, vocab_size=mc.vocab_size, max_context=max_context,
+            max_tokens_limit=max_context - 1, max_queue=engine_config.max_queue,
             block_size=engine_config.block_size, eos_token_id=mc.eos_token_id, bos_token_id=mc.bos_token_id,
             index_topk=mc.index_topk, has_tokenizer=(model_dir / "tokenizer.json").is_file(),
+            limits=(limits or RequestLimits()).resolved(max_context=max_context, max_queue=engine_config.max_queue),
         )
-        # The cluster's policy; by default local mode always disaggregates (it exists to run that path).
-        self.routing = CacheAwareRouting(make_policy("dsaserve", routing), None, model_id=model_id,
-                                         block_size=engine_config.block_size) if routing else None
-        self._in_flight = 0
-        self._requests_total = 0
-        self._errors_total = 0
+        policy = routing or RoutingConfig(local_prefill_max_tokens=0)
+        self.routing = CacheAwareRouting(make_policy("dsaserve", policy), None, model_id=model_id,
+                                         block_size=engine_config.block_size)
+        workers = LocalWorkers(self.prefill, self.decode, self.health_error)
+        self.dispatcher = Dispatcher(workers, self._info, self.routing, DispatchConfig(startup_timeout_s=0.0))
 
     @classmethod
     def start(cls, model_dir: str | Path | None = None, *, engine_config: EngineConfig | None = None,
               disaggregate: bool = True, routing: RoutingConfig | None = None,
-              dtype: torch.dtype = torch.float32, num_threads: int | None = None) -> "LocalBackend":
+              dtype: torch.dtype = torch.float32, num_threads: int | None = None,
+              limits: RequestLimits | None = None) -> "LocalBackend":
         path = Path(model_dir) if model_dir is not None else default_model_dir()
         return cls(path, engine_config or EngineConfig(), disaggregate=disaggregate, routing=routing, dtype=dtype,
-                   num_threads=num_threads)
+                   num_threads=num_threads, limits=limits)
 
     def __enter__(self) -> "LocalBackend":
         return self
@@ -121,42 +158,17 @@ class LocalBackend:
         return self._info
 
     def health_error(self) -> str | None:
-        """Why this backend cannot serve (None when healthy)."""
-        return None if self.loop.error is None else f"engine loop stopped: {self.loop.error}"
+        """Why this backend's engines cannot serve (None when healthy)."""
+        return self.loop.health_error()
+
+    async def health(self) -> str | None:
+        return await self.dispatcher.health()
 
     def stats(self) -> dict:
-        router = {"requests_total": self._requests_total, "in_flight": self._in_flight, "errors_total": self._errors_total}
-        return {"mode": "local", "router": router, "workers": self.worker_stats()}
+        return self.dispatcher.stats()
 
     def worker_stats(self) -> list[WorkerStats]:
-        engines = [e for e in (self.prefill_engine, self.decode_engine) if e is not None]
-        healthy = self.health_error() is None
-        return [dataclasses.replace(e.stats(), healthy=healthy) for e in engines]
+        return self.dispatcher.workers.snapshot()
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        if self._in_flight >= self.engine_config.max_queue:
-            raise AdmissionError(f"admission queue full ({self.engine_config.max_queue} requests in flight)", retry_after_s=1.0)
-        error = self.health_error()
-        if error is not None:
-            from router.backend import BackendUnavailable
-
-            raise BackendUnavailable(error)
-        self._in_flight += 1
-        self._requests_total += 1
-        try:
-            local = self.prefill is None
-            if not local and self.routing is not None:
-                decision = await self.routing.decide(req, self.worker_stats())
-                local = decision.prefill_worker is None  # conditional disaggregation
-            if local:
-                stream = self.decode.generate(req)
-            else:
-                stream = generate_disaggregated(req, self.prefill, self.decode, eos_token_id=self._info.eos_token_id,
-                                                max_model_len=self._info.max_context)
-            async with aclosing(stream) as outs:
-                async for out in outs:
-                    if out.finish_reason == "error":
-                        self._errors_total += 1
-                    yield out
-        finally:
-            self._in_flight -= 1
+    def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        return self.dispatcher.generate(req)

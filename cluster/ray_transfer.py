@@ -2,16 +2,23 @@
 
 At hand-off the holder copies the blocks' bytes into the object store and publishes the ObjectRef in
 the handle; it can drop its lease at once (the bytes are already out). The reader ``ray.get``s them.
+
+Reuse of the holder's blocks cannot reach a reader: the copy is taken on the engine thread while the
+blocks are held. The reader still honours the lease like every backend (a handle past
+``lease_expires_at`` is refused, so no backend serves stale handles) and refuses a payload whose
+size does not match the handle's blocks.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import ray
 import torch
 
+from kvstore.block_pool import BlockPool
 from kvstore.paged import PagedKVStorage
 from kvstore.transfer import TransferError
 from workers.engine.types import KVHandle
@@ -39,6 +46,9 @@ class RayHolder:
             self._done.append(request_id)
         return {"backend": "ray", "ref": ref, "nbytes": int(data.nbytes)}
 
+    def bind_pool(self, pool: BlockPool) -> None:
+        """Not needed: the bytes are copied out while the blocks are held."""
+
     def read_done(self) -> list[str]:
         done, self._done = self._done, []
         return done
@@ -59,6 +69,12 @@ class RayTransfer:
         try:
             if ep.get("backend") != "ray":
                 raise TransferError(f"handle from a {ep.get('backend')!r} holder given to the ray backend")
+            if time.time() >= handle.lease_expires_at:
+                raise TransferError(f"lease on {handle.request_id!r}'s blocks expired before the read")
+            nbytes = len(dst_blocks) * dst.layout.bytes_per_block
+            if len(dst_blocks) != len(handle.block_ids) or ep.get("nbytes") != nbytes:
+                raise TransferError(f"ray payload of {handle.request_id!r} has {ep.get('nbytes')} bytes for "
+                                    f"{len(handle.block_ids)} blocks; {len(dst_blocks)} destination blocks take {nbytes}")
             data = ray.get(ep["ref"], timeout=self.timeout_s)
             dst.write_blocks(dst_blocks, torch.from_numpy(data.copy()))  # object-store arrays are read-only
         except TransferError:

@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
+from kvstore.disk_slot import claim_disk_slot
 from kvstore.publisher import IndexPublisher
 from kvstore.redis_index import RedisKVIndex
 from kvstore.transfer import TransferError
@@ -79,8 +80,10 @@ class _EngineServer:
         self.dtype = resolve_dtype(dtype)
         self.ep_group = None
         self.worker_id = _replica_id(self.role)
-        if engine_config.disk_cache_dir:  # one disk folder per replica
-            engine_config = dataclasses.replace(engine_config, disk_cache_dir=str(Path(engine_config.disk_cache_dir) / self.worker_id))
+        self.disk_slot = None
+        if engine_config.disk_cache_dir:  # <dir>/<role>-<n>: a restarted replica reuses a dead one's blocks
+            self.disk_slot = claim_disk_slot(engine_config.disk_cache_dir, self.role)
+            engine_config = dataclasses.replace(engine_config, disk_cache_dir=str(self.disk_slot.path))
         model_id = Path(model_dir).name
         self.publisher = None
         events = {}
@@ -120,8 +123,9 @@ class _EngineServer:
                                    indexed=None if self.publisher is None else self.publisher.healthy, ep=ep)
 
     def _health_error(self) -> str | None:
-        if self.loop.error is not None:
-            return f"engine loop crashed: {self.loop.error}"
+        error = self.loop.health_error()
+        if error is not None:
+            return error
         return None if self.ep_group is None else self.ep_group.health_error()
 
     def _publish(self) -> None:

@@ -4,10 +4,17 @@ A block is *in use* while its reference count is positive (running sequences, le
 free block may still hold a full, hashed block's KV: it stays findable by hash until it is reused,
 and free blocks are reused least-recently-freed first (LRU). ``on_event`` reports hashes that
 become findable ("stored") or stop being findable ("removed"), for the KV index.
+
+Each block has a *generation* that grows whenever the block stops being in use (its last reference
+is dropped, or the pool is reset) and whenever it is handed out afresh. A reader that recorded
+``generations(blocks)`` while it held them (a KV handle under a lease) can tell, by comparing
+again, whether the blocks may since have been reused for other KV. The counters live in one int64
+array at a fixed address (``generation``), so a holder can expose them to remote readers.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -33,6 +40,7 @@ class BlockPool:
         self.block_hash: list[BlockHash | None] = [None] * num_blocks
         self.hash_to_block: dict[BlockHash, int] = {}
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.generation = array("q", bytes(8 * num_blocks))  # never reallocated: its address is published
         self._on_event = on_event
         self._on_evict = on_evict  # called before a cached block's content is overwritten
 
@@ -73,6 +81,7 @@ class BlockPool:
                 self._on_evict(b, h)
             self._forget(b)
             self.ref_count[b] = 1
+            self.generation[b] += 1
             out.append(b)
         return out
 
@@ -85,6 +94,20 @@ class BlockPool:
             self.ref_count[b] -= 1
             if self.ref_count[b] == 0:
                 self._free[b] = None
+                self.generation[b] += 1
+
+    def generations(self, blocks: Sequence[int]) -> tuple[int, ...]:
+        """The current generation of each block (see the module docstring)."""
+        return tuple(self.generation[b] for b in blocks)
+
+    def reset(self) -> None:
+        """Every block free and uncached, as after construction (an engine restarting after a crash
+        trusts none of what it held); generations keep growing, so old handles stay refused."""
+        for b in range(self.num_blocks):
+            self._forget(b)
+            self.generation[b] += 1
+        self.ref_count = [0] * self.num_blocks
+        self._free = OrderedDict((b, None) for b in range(self.num_blocks))
 
     def commit(self, block: int, block_hash: BlockHash) -> None:
         """Mark ``block`` as holding the full block ``block_hash`` (findable by later requests)."""

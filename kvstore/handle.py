@@ -29,6 +29,12 @@ class KVHandle:
     ``block_ids`` are the holder's block ids (ceil(num_tokens / block_size) of them); ``first_token``
     is the token sampled after the prompt; ``endpoint`` describes how to read the blocks (a transfer
     backend's own data: an agent name and metadata, an object ref, or a local pool id).
+
+    The lease ends at ``lease_expires_at`` (``time.time()`` on the holder); after that, or once
+    released, the holder may reuse the blocks, so readers refuse a handle past it.
+    ``block_generations`` are the holder pool's generations of ``block_ids`` at hand-off
+    (``BlockPool.generations``): a reader that can see the holder's pool compares them again to
+    detect reused blocks; empty when the holder did not record them.
     """
 
     worker_id: str
@@ -41,3 +47,4 @@ class KVHandle:
     cached_tokens: int = 0
     first_logprob: object | None = None  # the engine's TokenLogprob of first_token, carried opaquely
     endpoint: dict = field(default_factory=dict)
+    block_generations: tuple[int, ...] = ()

@@ -29,7 +29,8 @@ Hasher = Callable[..., list[BlockHash]]  # the signature of ``kvstore.hashing.bl
 
 
 class IndexUnavailable(RuntimeError):
-    """The index backend cannot be reached; route by load only until it answers again."""
+    """The index backend cannot serve the call (unreachable, read-only after a failover, out of memory,
+    refused by its ACL, ...); route by load only until it answers again."""
 
 
 class WorkerNotRegistered(KeyError):
@@ -127,8 +128,8 @@ class KVIndex(Protocol):
       it holds on any tier (0 included), in one round trip; per tier counts use each block's fastest tier.
     - ``check_hash_agreement`` stores this process's known-answer digest if none exists, and raises
       ``HashAgreementError`` naming both digests and the hash version if a different one exists.
-    - Every method raises ``IndexUnavailable`` (and nothing backend-specific) when the backend is
-      unreachable; callers then route by load only.
+    - Every method raises ``IndexUnavailable`` (and nothing backend-specific) for any backend failure,
+      not only an unreachable backend; callers then route by load only.
     """
 
     model_id: str

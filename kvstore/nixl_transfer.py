@@ -5,14 +5,16 @@ metadata (connection info + the region's remote key, a few hundred bytes) never 
 ``KVHandle`` carries the same small endpoint. Reader (decode process): its own agent; it loads a
 holder's metadata once per holder instance, registers each destination storage once, and READs one
 descriptor per run of consecutive blocks (a block is one contiguous region across layers; NIXL costs
-~5 µs per descriptor, so never describe pages). The READ carries the request id as its notification:
-the holder's ``read_done()`` returns it and the engine drops the lease without waiting for a release.
+~5 µs per descriptor, so never describe pages). The last READ of a handle carries the request id as
+its notification: the holder's ``read_done()`` returns it and the engine drops the lease without
+waiting for a release.
 
 Endpoint (``NixlHolder.endpoint()``), plain and picklable::
 
-    {"backend": "nixl", "agent": str, "instance": str (hex, new per NixlHolder),
+    {"backend": "nixl", "agent": str, "instance": str (hex, new per registration),
      "metadata": bytes (nixl_agent.get_agent_metadata()), "base_addr": int, "bytes_per_block": int,
-     "num_blocks": int, "mem_type": "DRAM" | "VRAM", "device_id": int}
+     "num_blocks": int, "mem_type": "DRAM" | "VRAM", "device_id": int,
+     "gen_addr": int (optional: the holder pool's block generations, int64 each, in host memory)}
 
 Metadata travels in the endpoint itself (no listener thread, no port to open, no asynchronous
 handshake): the reader is ready as soon as it has a handle. Block b lives at
@@ -23,8 +25,19 @@ uses TCP for wire-up; over cma the READ runs inside the post call). A dead holde
 ``nixlRemoteDisconnectError`` within milliseconds; the timeout covers a transfer that never finishes.
 Every failure raises TransferError after cancelling the transfer and dropping the holder's
 connection (over cma the copy has ended when the post returns; over RDMA closing the endpoint stops
-what the cancel could not), so the engine may reuse the destination blocks; a handle past its lease is
-refused (the holder may have reused the blocks, and a one-sided READ would not notice).
+what the cancel could not), so the engine may reuse the destination blocks.
+
+Leases: a one-sided READ cannot ask the holder whether the blocks are still its request's. So
+(1) the reader keeps clear of the lease's end: it refuses a handle within ``lease_margin_s`` of
+``lease_expires_at`` before posting the READ, and discards a READ that completes within that margin
+(the margin also covers clock skew between nodes; NTP gives milliseconds). (2) When the holder
+publishes its pool's block generations (``gen_addr``; a generation grows when a block is freed or
+handed out, see ``kvstore.block_pool``), the reader READs the source blocks' generations after the
+blocks have arrived and refuses them unless they equal the handle's ``block_generations``: the holder
+bumps a generation before it can write the block for anyone else, so unchanged generations read
+after the copy mean the copy saw the handle's KV. That also covers a lease ended early (a holder
+that restarted, a stray release), which no clock can. The notification rides on this last READ, so
+the holder cannot drop the lease before the generations are read.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ import numpy as np
 
 from kvstore.handle import KVHandle
 
+from .block_pool import BlockPool
 from .paged import PagedKVStorage
 from .transfer import TransferError
 
@@ -136,14 +150,31 @@ class NixlHolder:
         }
         self._done: list[str] = []
         self._lock = threading.Lock()
+        self._gen_reg = None
         self._stop = threading.Event()
-        # After construction only this thread calls the agent (the agent has no locks of its own).
+        # After construction only this thread and bind_pool call the agent (it has no locks of its own).
+        self._agent_lock = threading.Lock()
         self._poller = threading.Thread(target=self._poll, name=f"nixl-holder-{name}", daemon=True)
         self._poller.start()
 
     def endpoint(self, block_ids: Sequence[int] = (), request_id: str = "") -> dict:
         """The same small dict for every handle (block ids travel in the handle itself)."""
         return dict(self._endpoint)
+
+    def bind_pool(self, pool: BlockPool) -> None:
+        """Register the pool's block generations (8 bytes a block) and publish them as ``gen_addr``,
+        so readers can refuse blocks freed or reused since the hand-off (module docstring)."""
+        gens = pool.generation
+        addr, n = gens.buffer_info()
+        if n != self.storage.num_blocks:
+            raise ValueError(f"pool of {n} blocks for a storage of {self.storage.num_blocks}")
+        with self._agent_lock:
+            if self._gen_reg is not None:
+                self.agent.deregister_memory(self._gen_reg)
+            self._gen_reg = self.agent.register_memory([(addr, n * gens.itemsize, 0, "")], "DRAM")
+            self._endpoint.update(gen_addr=addr, instance=uuid.uuid4().hex,  # new keys: readers reload them
+                                  metadata=self.agent.get_agent_metadata())
+        self._gens = gens  # pins the array (and so the registered address)
 
     def read_done(self) -> list[str]:
         """Request ids that readers finished reading since the last call (READ notifications)."""
@@ -155,14 +186,16 @@ class NixlHolder:
         """Stop progressing and deregister the buffer; readers' later READs fail with TransferError."""
         self._stop.set()
         self._poller.join()
-        if self._reg is not None:
-            self.agent.deregister_memory(self._reg)
-            self._reg = None
+        for reg in (self._reg, self._gen_reg):
+            if reg is not None:
+                self.agent.deregister_memory(reg)
+        self._reg = self._gen_reg = None
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
-                notifs = self.agent.get_new_notifs()  # also progresses the UCX worker
+                with self._agent_lock:
+                    notifs = self.agent.get_new_notifs()  # also progresses the UCX worker
             except Exception:  # keep serving: a bad peer must not stop every other reader
                 log.exception("NIXL holder %s: polling notifications failed", self.name)
                 continue
@@ -179,19 +212,24 @@ class NixlTransfer:
     bounds one read from post to completion; ``poll_s`` caps the sleep between polls. The reader
     drives its transfers by polling, so no progress thread by default (see ``NixlHolder``).
     ``huge_pages``: as for ``NixlHolder``, applied to each destination storage when registered.
+    ``lease_margin_s``: how far from its lease's end a read must start and finish (module docstring).
     Thread-safe (one read at a time per instance).
     """
 
     name = "nixl"
 
     def __init__(self, name: str, *, timeout_s: float = 30.0, poll_s: float = 1e-3, progress_thread: bool = False,
-                 huge_pages: bool = True) -> None:
+                 huge_pages: bool = True, lease_margin_s: float = 0.5) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if lease_margin_s < 0:
+            raise ValueError(f"lease_margin_s must be ≥ 0, got {lease_margin_s}")
         self.agent_name, self.timeout_s, self.poll_s, self.huge_pages = name, timeout_s, poll_s, huge_pages
+        self.lease_margin_s = lease_margin_s
         self.agent = _agent(name, progress_thread)
         self._remotes: dict[str, str] = {}  # holder agent name → instance whose metadata is loaded
         self._storages: dict[int, tuple[PagedKVStorage, object]] = {}  # id(storage) → (storage, reg)
+        self._gens: tuple[np.ndarray, object] | None = None  # registered landing place of generations
         self._lock = threading.Lock()
         self._stats = {"backend": self.name, "bytes": 0, "transfers": 0, "failures": 0, "seconds": 0.0}
 
@@ -216,6 +254,9 @@ class NixlTransfer:
             for _, reg in self._storages.values():
                 self.agent.deregister_memory(reg)
             self._storages.clear()
+            if self._gens is not None:
+                self.agent.deregister_memory(self._gens[1])
+                self._gens = None
 
     # ------------------------------------------------------------------ internals
     def _read(self, handle: KVHandle, dst: PagedKVStorage, dst_blocks: list[int]) -> int:
@@ -236,6 +277,9 @@ class NixlTransfer:
             bad = [b for b in blocks if not 0 <= b < limit]
             if bad:
                 raise TransferError(f"{side} block ids {bad[:4]} outside [0, {limit})")
+        if "gen_addr" in ep and len(handle.block_generations) != len(src_blocks):
+            raise TransferError(f"handle of {handle.request_id!r} carries no block generations; "
+                                "its blocks cannot be checked for reuse")
         self._check_lease(handle, "before")
         if not src_blocks:
             return 0
@@ -248,32 +292,60 @@ class NixlTransfer:
                           np.full(len(runs), local_dev, dtype=np.uint64)], axis=1)
         far = np.stack([np.uint64(ep["base_addr"]) + runs[:, 0] * np.uint64(bpb), lengths,
                         np.full(len(runs), ep["device_id"], dtype=np.uint64)], axis=1)
-        xfer = None
+        check_gens = "gen_addr" in ep
+        notif = handle.request_id.encode()
         try:
-            local_descs = self.agent.get_xfer_descs(local, local_mem)
-            remote_descs = self.agent.get_xfer_descs(far, ep["mem_type"])
-            xfer = self.agent.initialize_xfer("READ", local_descs, remote_descs, remote, handle.request_id.encode())
-            self._wait(xfer, self.agent.transfer(xfer), t0, handle)
+            self._post(local, local_mem, far, ep["mem_type"], remote, b"" if check_gens else notif, t0, handle)
+            gens = self._read_generations(ep["gen_addr"], remote, src_blocks, notif, t0, handle) if check_gens else None
         except Exception as e:  # nixlRemoteDisconnectError & co.: the holder is gone or unreachable
-            if xfer is not None:
-                self._release(xfer)  # cancels what is still in flight
-            self._forget(remote)  # and the disconnect stops anything the cancel could not
+            self._forget(remote)  # the disconnect stops anything the cancel could not
             if isinstance(e, TransferError):
                 raise
             raise TransferError(f"NIXL READ of {handle.request_id!r} from {remote!r} failed: {type(e).__name__}: {e}") from e
-        self._release(xfer)
+        if gens is not None and gens != handle.block_generations:
+            raise TransferError(f"blocks of {handle.request_id!r} were freed or reused by the holder {remote!r} "
+                                "before or during the read")
         self._check_lease(handle, "during")
         self._stats["seconds"] += time.perf_counter() - t0
         return len(src_blocks) * bpb
 
-    @staticmethod
-    def _check_lease(handle: KVHandle, when: str) -> None:
+    def _post(self, local: np.ndarray, local_mem: str, far: np.ndarray, far_mem: str, remote: str, notif: bytes,
+              t0: float, handle: KVHandle) -> None:
+        """One READ of descriptor rows [address, bytes, device] from ``remote`` into ``local``, waited
+        for; cancelled (by releasing it) if it fails."""
+        xfer = None
+        try:
+            xfer = self.agent.initialize_xfer("READ", self.agent.get_xfer_descs(local, local_mem),
+                                              self.agent.get_xfer_descs(far, far_mem), remote, notif)
+            self._wait(xfer, self.agent.transfer(xfer), t0, handle)
+        finally:
+            if xfer is not None:
+                self._release(xfer)
+
+    def _read_generations(self, gen_addr: int, remote: str, src_blocks: list[int], notif: bytes, t0: float,
+                          handle: KVHandle) -> tuple[int, ...]:
+        """The holder pool's current generation of each source block (one READ, ``notif`` on it)."""
+        n = len(src_blocks)
+        if self._gens is None or len(self._gens[0]) < n:
+            if self._gens is not None:
+                self.agent.deregister_memory(self._gens[1])
+            buf = np.zeros(max(n, 256), dtype=np.int64)
+            self._gens = (buf, self.agent.register_memory([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM"))
+        buf = self._gens[0]
+        buf[:n] = -1  # no generation is negative: a READ that wrote nothing cannot pass
+        runs = np.asarray(block_runs(src_blocks, range(n)), dtype=np.uint64)
+        size, lengths, dev = np.uint64(8), runs[:, 2] * np.uint64(8), np.zeros(len(runs), dtype=np.uint64)
+        local = np.stack([np.uint64(buf.ctypes.data) + runs[:, 1] * size, lengths, dev], axis=1)
+        far = np.stack([np.uint64(gen_addr) + runs[:, 0] * size, lengths, dev], axis=1)
+        self._post(local, "DRAM", far, "DRAM", remote, notif, t0, handle)
+        return tuple(int(g) for g in buf[:n])
+
+    def _check_lease(self, handle: KVHandle, when: str) -> None:
         # Past its lease the holder may hand the blocks to another request, and a READ (one-sided:
-        # the holder is not asked) would copy that request's KV. Clocks across nodes must agree
-        # to well within the lease (NTP gives milliseconds; leases are tens of seconds).
-        if time.time() >= handle.lease_expires_at:
-            raise TransferError(f"lease on {handle.request_id!r}'s blocks expired {when} the read; "
-                                "the holder may have reused them")
+        # the holder is not asked) would copy that request's KV.
+        if time.time() + self.lease_margin_s >= handle.lease_expires_at:
+            raise TransferError(f"lease on {handle.request_id!r}'s blocks expired {when} the read (or is within "
+                                f"{self.lease_margin_s:g} s of it); the holder may have reused them")
 
     def _wait(self, xfer, state: str, t0: float, handle: KVHandle) -> None:
         delay = 2e-5

@@ -25,9 +25,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import BusyLoadingError, ResponseError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError, ResponseError
 
 from .hashing import BlockHash, block_hashes, self_test
 from .index import (
@@ -167,15 +165,20 @@ class RedisKVIndex:
         return f"{self.namespace}:{kind}" if worker_id is None else f"{self.namespace}:{kind}:{worker_id}"
 
     async def _call(self, op: Awaitable[T]) -> T:
-        """Await a Redis operation, mapping backend errors onto the protocol's errors."""
+        """Await a Redis operation, mapping backend errors onto the protocol's errors.
+
+        Every Redis error but our own NOWORKER reply is ``IndexUnavailable``: besides an unreachable
+        server, a server demoted to a replica (READONLY, MASTERDOWN), a full one (OOM), a user without the
+        rights (NOPERM) or a script error all mean the same to callers — the index cannot answer now.
+        """
         try:
             return await op
-        except (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError) as e:
-            raise IndexUnavailable(f"KV index at Redis unreachable: {e}") from e
         except ResponseError as e:
             if "NOWORKER" in str(e):
                 raise WorkerNotRegistered("worker not registered (expired, or the index restarted)") from None
-            raise
+            raise IndexUnavailable(f"KV index at Redis failed: {type(e).__name__}: {e}") from e
+        except (RedisError, OSError) as e:
+            raise IndexUnavailable(f"KV index at Redis unavailable: {type(e).__name__}: {e}") from e
 
     async def register_worker(self, worker_id: str, role: WorkerRole, ttl_s: float = 10.0) -> None:
         if ttl_s <= 0:

@@ -6,7 +6,11 @@ position in the prefix). ``ContextCache.fetch`` promotes a disk hit back to host
 
 Disk files are crash-safe: written to a temporary name, fsynced, renamed into place; each carries a
 header with a magic, the format version, the block hash, the payload length and its SHA-256. A torn,
-truncated or corrupted file fails the check, is deleted, and reads as a miss — never as KV.
+truncated or corrupted file fails the check, is deleted, and reads as a miss — never as KV. Files are
+created 0600 and the folder 0700. The disk tier holds at most ``capacity`` block files, counting those
+a previous process left (oldest use first out, by mtime, which a read refreshes); other files are
+not counted and not touched, except temporary ones (``*.tmp*``) that a crash left, which are deleted.
+``kvstore.disk_slot`` gives each worker a folder that survives its restarts.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import struct
 import threading
 from collections import OrderedDict
@@ -70,20 +75,33 @@ class HostTier:
 
 
 class DiskTier:
-    """Block files under ``root`` (one per hash), LRU-bounded by ``capacity`` blocks."""
+    """Block files under ``root`` (one per hash), LRU-bounded by ``capacity`` blocks, files found at
+    start included."""
 
     def __init__(self, root: str | Path, capacity: int) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            os.chmod(self.root, 0o700)
+        except PermissionError:  # a folder another user made for us: keep its mode, still use it
+            log.warning("context cache: cannot make %s private (mode 0700)", self.root)
         self.capacity = capacity
         self._lru: OrderedDict[BlockHash, None] = OrderedDict()
-        for path in sorted(self.root.glob("*.kv"), key=lambda p: p.stat().st_mtime):
-            try:
-                self._lru[bytes.fromhex(path.stem)] = None
-            except ValueError:
-                continue
         for tmp in self.root.glob("*.tmp*"):  # torn writes of a crashed process
-            tmp.unlink(missing_ok=True)
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+        found = []
+        for path in self.root.glob("*.kv"):
+            h = _block_hash(path.stem)
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if h is not None and stat.S_ISREG(st.st_mode):
+                found.append((st.st_mtime_ns, h))
+        for _, h in sorted(found):
+            self._lru[h] = None
+        self._evict()  # a previous process may have left more (or had a larger capacity)
 
     def _path(self, h: BlockHash) -> Path:
         return self.root / f"{h.hex()}.kv"
@@ -99,14 +117,23 @@ class DiskTier:
         payload = data.contiguous().numpy().tobytes()
         header = _HEADER.pack(_MAGIC, _FORMAT, h, len(payload), hashlib.sha256(payload).digest())
         tmp = self.root / f"{h.hex()}.tmp{os.getpid()}.{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path(h))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with open(fd, "wb") as f:
+                f.write(header)
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path(h))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self._lru[h] = None
         self._lru.move_to_end(h)
+        return self._evict()
+
+    def _evict(self) -> list[BlockHash]:
+        """Delete the least recently used files beyond capacity; returns their hashes."""
         evicted = []
         while len(self._lru) > self.capacity:
             old, _ = self._lru.popitem(last=False)
@@ -132,11 +159,25 @@ class DiskTier:
             self.remove(h)
             return None
         self._lru.move_to_end(h)
+        try:
+            os.utime(path)  # the LRU order survives a restart
+        except OSError:
+            pass
         return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
 
     def remove(self, h: BlockHash) -> None:
         self._lru.pop(h, None)
         self._path(h).unlink(missing_ok=True)
+
+
+def _block_hash(stem: str) -> BlockHash | None:
+    """The block hash a file stem names, or None for a name no block file has."""
+    if len(stem) != 64:
+        return None
+    try:
+        return bytes.fromhex(stem)
+    except ValueError:
+        return None
 
 
 class ContextCache:

@@ -7,9 +7,10 @@ cluster mode with Ray Serve handles. The router never knows which.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from router.limits import RequestLimits
 from workers.engine.types import GenerateRequest, RequestOutput
 
 
@@ -39,6 +40,7 @@ class ModelInfo:
     bos_token_id: int
     index_topk: int
     has_tokenizer: bool
+    limits: RequestLimits = field(default_factory=RequestLimits)  # resolved: no derived (0) fields left
 
 
 class Backend(Protocol):
@@ -53,9 +55,13 @@ class Backend(Protocol):
       aborts the request and frees its KV blocks.
     - ``stats()`` returns ``{"mode": str, "router": {counter: number}, "workers": [WorkerStats]}`` for
       health and debugging (the servicer turns it into the ``Status`` reply).
+    - ``health()`` says why a Generate would not succeed now (None: it would); the gRPC health
+      service answers NOT_SERVING while it is not None.
     """
 
     def info(self) -> ModelInfo: ...
+
+    async def health(self) -> str | None: ...
 
     def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]: ...
 

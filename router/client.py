@@ -10,6 +10,10 @@
 Sampling keywords are ``SamplingParams``' fields (max_tokens, temperature, top_p, top_k, seed,
 stop_token_ids, stop, ignore_eos, logprobs) plus request_id, cache_salt and priority. A failed call
 raises ``DsaServeError`` with the gRPC code, the offending field and the message.
+
+TLS: ``Client(addr, tls_ca="ca.crt")`` verifies the server against that CA bundle; add
+``tls_cert``/``tls_key`` for mutual TLS and ``tls_server_name`` when the certificate names another
+host than the address (e.g. an IP address or a port-forward).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from router.backend import ModelInfo
 from router.frontend import Completion, CompletionRequest, Delta
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
 from router.proto.dsaserve.v1 import dsaserve_pb2_grpc as pb_grpc
+from router.tls import ClientTLS
 from workers.engine.types import RequestError
 
 
@@ -46,11 +51,9 @@ class DsaServeError(Exception):
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> DsaServeError:
-        trailing = dict(err.trailing_metadata() or ())
-        retry = trailing.get(wire.RETRY_PUSHBACK_KEY)
-        return cls(
-            err.code(), err.details() or "", trailing.get(wire.FIELD_KEY), int(retry) / 1000.0 if retry else None
-        )
+        details = err.details() or ""
+        field, retry_after_s = wire.error_facts(err.code().name, details, dict(err.trailing_metadata() or ()))
+        return cls(err.code(), details, field, retry_after_s)
 
     @classmethod
     def from_info(cls, info: wire.ErrorInfo) -> DsaServeError:
@@ -136,16 +139,31 @@ def _batch_result(msg: pb.GenerateResponse) -> BatchResult:
     return BatchResult(msg.request_id, Completion.from_deltas([wire.delta_from_proto(msg)]))
 
 
+def _open_channel(grpc_module: Any, address: str, tls: ClientTLS | None) -> Any:
+    """A plaintext channel, or a TLS one (``grpc`` or ``grpc.aio``: the same calls on both)."""
+    if tls is None:
+        return grpc_module.insecure_channel(address)
+    return grpc_module.secure_channel(address, tls.credentials(), options=tls.options())
+
+
 class Client:
     """Blocking client over one channel. ``timeout`` (seconds) is every call's deadline unless a call
-    passes its own."""
+    passes its own; ``tls_ca`` (a CA bundle; or ``tls_cert`` alone: the system's roots) makes the
+    channel TLS, ``tls_cert``/``tls_key`` present a client certificate (mutual TLS).
 
-    def __init__(self, address: str, *, timeout: float | None = None, api_key: str | None = None) -> None:
+    Raises:
+        TLSError: a TLS file is missing or unusable, or a certificate is given without its key.
+    """
+
+    def __init__(self, address: str, *, timeout: float | None = None, api_key: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_server_name: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
         key = api_key if api_key is not None else os.environ.get("DSASERVE_API_KEY")
         self._metadata = (("authorization", f"Bearer {key}"),) if key else None
-        self._channel = grpc.insecure_channel(address)
+        tls = ClientTLS.from_options(tls_ca, tls_cert, tls_key, tls_server_name)
+        self._channel = _open_channel(grpc, address, tls)
         self._stub = pb_grpc.DsaServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -222,12 +240,15 @@ class Client:
 class AsyncClient:
     """The asyncio twin of ``Client`` (same methods, awaited; streams are async iterators)."""
 
-    def __init__(self, address: str, *, timeout: float | None = None, api_key: str | None = None) -> None:
+    def __init__(self, address: str, *, timeout: float | None = None, api_key: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_server_name: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
         key = api_key if api_key is not None else os.environ.get("DSASERVE_API_KEY")
         self._metadata = (("authorization", f"Bearer {key}"),) if key else None
-        self._channel = grpc.aio.insecure_channel(address)
+        tls = ClientTLS.from_options(tls_ca, tls_cert, tls_key, tls_server_name)
+        self._channel = _open_channel(grpc.aio, address, tls)
         self._stub = pb_grpc.DsaServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

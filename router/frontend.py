@@ -10,6 +10,8 @@ backend's iterator, which aborts the request and frees its KV blocks.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
@@ -31,6 +33,7 @@ class CompletionRequest:
     request_id: str | None = None  # None: a UUID is assigned
     cache_salt: str | None = None
     priority: int = 0
+    tenant: str | None = None  # set by the server from the caller's credentials, never by a client
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> CompletionRequest:
@@ -134,6 +137,10 @@ class Completion:
 class Frontend:
     """Validates, tokenizes and runs requests on a backend; detokenizes and applies stop strings.
 
+    Engines key requests by a server-made id (``GenerateRequest.request_id``, a fresh UUID per
+    request), never by the client's: two routers, or two clients, using the same id cannot cross
+    outputs or leases. The client's id is only echoed in its deltas.
+
     Args:
         backend: runs token-id requests (``router.backend.Backend``).
         tokenizer: the model's tokenizer, or None to accept token-id prompts only (text stays empty).
@@ -146,21 +153,58 @@ class Frontend:
         self._in_flight: set[str] = set()
 
     def tokenize(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        """Token ids of ``text``; RequestError("text") when the model has no tokenizer."""
-        return self._require_tokenizer("text").encode(text, add_bos=add_bos)
+        """Token ids of ``text``; RequestError("text") when the model has no tokenizer or the text is
+        longer than ``max_prompt_chars``."""
+        tokenizer = self._require_tokenizer("text")
+        _check_len("text", len(text), self.info.limits.max_prompt_chars, "characters")
+        return tokenizer.encode(text, add_bos=add_bos)
+
+    async def tokenize_async(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """``tokenize`` off the event loop (a long text takes milliseconds to encode)."""
+        self._require_tokenizer("text")
+        _check_len("text", len(text), self.info.limits.max_prompt_chars, "characters")
+        return await asyncio.to_thread(self.tokenize, text, add_bos=add_bos)
 
     def prepare(self, req: CompletionRequest) -> GenerateRequest:
-        """Validate ``req`` against the model's limits and tokenize it.
+        """Validate ``req`` against the model's limits and tokenize it (on this thread).
 
         Raises:
             RequestError: naming the first bad field and the limit it broke.
         """
-        info = self.info
-        params = req.params
-        params.validate(info.vocab_size)
-        if params.max_tokens > info.max_tokens_limit:
-            raise RequestError("max_tokens", f"must be ≤ {info.max_tokens_limit}, got {params.max_tokens}")
-        ids, name = self._prompt_ids(req)
+        self.check_limits(req)
+        return self._finish_prepare(req, self._prompt_ids(req))
+
+    async def prepare_async(self, req: CompletionRequest) -> GenerateRequest:
+        """``prepare`` with a text prompt tokenized off the event loop, after every cheap check."""
+        self.check_limits(req)
+        if req.prompt is not None and req.prompt_ids is None and self.tokenizer is not None:
+            return self._finish_prepare(req, await asyncio.to_thread(self._prompt_ids, req))
+        return self._finish_prepare(req, self._prompt_ids(req))
+
+    def check_limits(self, req: CompletionRequest) -> None:
+        """The cheap checks: sizes of client-controlled fields, then the sampling values.
+
+        Raises:
+            RequestError: naming the field and the limit.
+        """
+        lim, params = self.info.limits, req.params
+        if req.request_id is not None:
+            _check_len("request_id", len(req.request_id), lim.max_request_id_chars, "characters")
+        if req.cache_salt is not None:
+            _check_len("cache_salt", len(req.cache_salt), lim.max_cache_salt_chars, "characters")
+        _check_len("stop", len(params.stop), lim.max_stop_strings, "stop strings")
+        for s in params.stop:
+            _check_len("stop", len(s), lim.max_stop_string_chars, "characters per stop string")
+        _check_len("stop_token_ids", len(params.stop_token_ids), lim.max_stop_token_ids, "ids")
+        if req.prompt is not None:
+            _check_len("prompt", len(req.prompt), lim.max_prompt_chars, "characters")
+        params.validate(self.info.vocab_size)
+        if params.max_tokens > self.info.max_tokens_limit:
+            raise RequestError("max_tokens", f"must be ≤ {self.info.max_tokens_limit}, got {params.max_tokens}")
+
+    def _finish_prepare(self, req: CompletionRequest, prompt: tuple[tuple[int, ...], str]) -> GenerateRequest:
+        info, params = self.info, req.params
+        ids, name = prompt
         if len(ids) >= info.max_context:
             raise RequestError(name, f"prompt has {len(ids)} tokens; the context holds {info.max_context}")
         if len(ids) + params.max_tokens > info.max_context:
@@ -169,14 +213,13 @@ class Frontend:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
                 f"{info.max_context} tokens; ask for at most {info.max_context - len(ids)}",
             )
-        request_id = req.request_id or uuid.uuid4().hex
-        if request_id in self._in_flight:
-            raise RequestError("request_id", f"{request_id!r} is already in flight")
+        if req.request_id is not None and req.request_id in self._in_flight:
+            raise RequestError("request_id", f"{req.request_id!r} is already in flight")
         return GenerateRequest(
-            request_id=request_id,
+            request_id=uuid.uuid4().hex,  # the engines' key: server-made, see the class docstring
             prompt_token_ids=ids,
             params=params,
-            cache_salt=req.cache_salt or None,
+            cache_salt=tenant_salt(req.tenant, req.cache_salt),
             priority=req.priority,
         )
 
@@ -186,14 +229,15 @@ class Frontend:
         Raises (before the first delta) RequestError, and whatever the backend raises on admission
         (``AdmissionError``, ``BackendUnavailable``). Closing this iterator early aborts the request.
         """
-        greq = self.prepare(req)
-        self._in_flight.add(greq.request_id)
+        greq = await self.prepare_async(req)
+        client_id = req.request_id or greq.request_id
+        self._in_flight.add(client_id)
         try:
-            async with aclosing(self._run(greq)) as deltas:
+            async with aclosing(self._run(greq, client_id)) as deltas:
                 async for delta in deltas:
                     yield delta
         finally:
-            self._in_flight.discard(greq.request_id)
+            self._in_flight.discard(client_id)
 
     async def complete(self, req: CompletionRequest) -> Completion:
         """Run ``req`` to the end and return the whole completion."""
@@ -203,7 +247,7 @@ class Frontend:
                 deltas.append(delta)
         return Completion.from_deltas(deltas)
 
-    async def _run(self, greq: GenerateRequest) -> AsyncIterator[Delta]:
+    async def _run(self, greq: GenerateRequest, client_id: str) -> AsyncIterator[Delta]:
         stops = greq.params.stop
         # Text that could still be the start of a stop string is held back until it can't.
         hold = max((len(s) for s in stops), default=1) - 1
@@ -225,13 +269,11 @@ class Frontend:
                 if cut is not None:
                     text = text[:cut]
                     usage = Usage(out.usage.prompt_tokens, out.usage.cached_tokens, num_tokens)
-                    yield Delta(
-                        greq.request_id, out.new_token_ids, text[sent:], True, usage, "stop", ttft, out.logprobs
-                    )
+                    yield Delta(client_id, out.new_token_ids, text[sent:], True, usage, "stop", ttft, out.logprobs)
                     return
                 end = len(text) if out.finished else max(sent, len(text) - hold)
                 yield Delta(
-                    greq.request_id,
+                    client_id,
                     out.new_token_ids,
                     text[sent:end],
                     out.finished,
@@ -246,7 +288,7 @@ class Frontend:
                     return
             # The backend ended without a finished output: still end the request's deltas properly.
             rest = detok.flush() if detok is not None else ""
-            yield Delta(greq.request_id, (), text[sent:] + rest, True, usage, "abort", ttft)
+            yield Delta(client_id, (), text[sent:] + rest, True, usage, "abort", ttft)
         finally:
             # Closing the backend's iterator is what aborts the request and frees its blocks.
             aclose = getattr(stream, "aclose", None)
@@ -318,6 +360,21 @@ def _is(value: Any, kind: str) -> bool:
     if kind == "a list of integers":
         return isinstance(value, (list, tuple)) and all(integer(v) for v in value)
     return isinstance(value, str) or isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+def tenant_salt(tenant: str | None, cache_salt: str | None) -> str | None:
+    """The cache salt the engines hash: the client's salt, joined (when the server knows the caller's
+    tenant, e.g. its API key) with a digest of the tenant, so no tenant's prefix cache hit can reveal
+    another tenant's prompt. The digest keeps the key itself out of block hashes and the index."""
+    if tenant is None:
+        return cache_salt or None
+    digest = hashlib.sha256(tenant.encode()).hexdigest()[:32]
+    return f"tenant:{digest}|{cache_salt or ''}"
+
+
+def _check_len(field_name: str, n: int, limit: int, unit: str) -> None:
+    if n > limit:
+        raise RequestError(field_name, f"at most {limit} {unit}, got {n}")
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:

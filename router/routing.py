@@ -2,8 +2,9 @@
 
 Per request: the prompt's chained block hashes (the same function the workers use), one
 longest-prefix lookup in the index, candidates built from the latest worker stats plus the work
-this router assigned since those stats were taken, then the policy. When the index is unreachable
-the request is routed by load alone and keeps flowing.
+this router assigned since those stats were taken, then the policy. When the index fails in any way
+(``IndexUnavailable``, or an unexpected error) the request is routed by load alone and keeps flowing;
+``index_errors`` counts those requests.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class CacheAwareRouting:
             except IndexUnavailable as e:  # route by load until the index answers again
                 self.index_errors += 1
                 log.debug("KV index unavailable (%s): routing by load", e)
+            except Exception as e:  # a broken index must cost cache hits, never the request
+                self.index_errors += 1
+                log.warning("KV index lookup failed unexpectedly (%r): routing by load", e,
+                            exc_info=self.index_errors == 1)
         live = [w for w in workers if w.healthy]
         prefill = [
             PrefillCandidate(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import logging
 import os
 import uuid
@@ -27,6 +28,7 @@ from router.backend import AdmissionError, Backend, BackendUnavailable
 from router.frontend import Completion, CompletionRequest, Frontend
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
 from router.proto.dsaserve.v1 import dsaserve_pb2_grpc as pb_grpc
+from router.tls import TLSConfig, server_credentials
 from router.tokenizer import Tokenizer
 from workers.engine.types import RequestError
 
@@ -35,7 +37,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DsaServe"].full_name
 DEFAULT_BATCH_CONCURRENCY = 64
 MAX_BATCH_RETRY_WAIT_S = 1.0
+HEALTH_POLL_S = 0.5
 _PORTS: weakref.WeakKeyDictionary[grpc.aio.Server, int] = weakref.WeakKeyDictionary()
+_HEALTH_TASKS: weakref.WeakKeyDictionary[grpc.aio.Server, asyncio.Task] = weakref.WeakKeyDictionary()
 
 
 class CallError(Exception):
@@ -77,14 +81,17 @@ class DsaServeServicer(pb_grpc.DsaServeServicer):
     async def _authorize(self, context) -> None:
         if not self.api_keys:
             return
-        metadata = dict(context.invocation_metadata() or ())
-        token = metadata.get("authorization", "").removeprefix("Bearer ").strip()
-        if token not in self.api_keys:
+        token = _presented_key(context).encode()
+        # Constant time per key, and every key is compared: timing tells nothing about the keys.
+        matched = False
+        for key in self.api_keys:
+            matched |= hmac.compare_digest(token, key.encode())
+        if not matched:
             await _abort(context, wire.ErrorInfo("UNAUTHENTICATED", "missing or unknown API key (metadata authorization: Bearer KEY)"))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         await self._authorize(context)
-        req = wire.request_from_proto(request)
+        req = self._request(request, context)
         try:
             async with asyncio.timeout(context.time_remaining()):
                 async with aclosing(self.frontend.generate(req)) as deltas:
@@ -114,7 +121,7 @@ class DsaServeServicer(pb_grpc.DsaServeServicer):
 
         async def run_one(msg: pb.GenerateRequest) -> None:
             try:
-                await results.put(await self._batch_one(msg))
+                await results.put(await self._batch_one(msg, context))
             finally:
                 slots.release()
 
@@ -153,7 +160,7 @@ class DsaServeServicer(pb_grpc.DsaServeServicer):
         await self._authorize(context)
         add_bos = request.add_bos if request.HasField("add_bos") else None
         try:
-            ids = self.frontend.tokenize(request.text, add_bos=add_bos)
+            ids = await self.frontend.tokenize_async(request.text, add_bos=add_bos)
         except RequestError as exc:
             await _abort(context, to_call_error(exc).info)
         return pb.TokenizeResponse(token_ids=ids)
@@ -169,10 +176,18 @@ class DsaServeServicer(pb_grpc.DsaServeServicer):
         # Cluster backends gather stats over the network: off the event loop.
         return wire.status_to_proto(await asyncio.to_thread(self.frontend.backend.stats))
 
-    async def _batch_one(self, msg: pb.GenerateRequest) -> pb.GenerateResponse:
+    def _request(self, msg: pb.GenerateRequest, context) -> CompletionRequest:
+        """The typed request, with the caller's tenant (its API key, when keys are configured) so
+        that the prefix cache is isolated per tenant."""
+        req = wire.request_from_proto(msg)
+        if self.api_keys:
+            req = dataclasses.replace(req, tenant=_presented_key(context))
+        return req
+
+    async def _batch_one(self, msg: pb.GenerateRequest, context) -> pb.GenerateResponse:
         """One batch request to its final response; failures become error responses. A full queue
         is waited out: a batch trades latency for throughput."""
-        req: CompletionRequest = wire.request_from_proto(msg)
+        req = self._request(msg, context)
         req = dataclasses.replace(req, request_id=req.request_id or uuid.uuid4().hex)
         while True:
             try:
@@ -194,38 +209,84 @@ async def start_server(
     port: int = 50051,
     *,
     batch_concurrency: int | None = None,
+    tls: TLSConfig | None = None,
 ) -> grpc.aio.Server:
-    """Start serving ``DsaServe``, ``grpc.health.v1.Health`` (SERVING) and server reflection.
+    """Start serving ``DsaServe``, ``grpc.health.v1.Health`` (SERVING while ``backend.health()`` is
+    None, NOT_SERVING otherwise, polled every ``HEALTH_POLL_S``) and server reflection.
 
-    ``port`` 0 picks a free port; ``server_port(server)`` tells which. The caller stops the server
+    ``port`` 0 picks a free port; ``server_port(server)`` tells which. With ``tls`` the port speaks
+    TLS only (mutual TLS when it names a client CA). The caller stops the server
     (``await server.stop(grace)``) and closes the backend.
 
     Raises:
+        TLSError: a TLS file is missing or unusable (names it).
         OSError: the address cannot be bound.
     """
     frontend = Frontend(backend, tokenizer)
     concurrency = batch_concurrency or max(1, min(DEFAULT_BATCH_CONCURRENCY, frontend.info.max_queue))
-    server = grpc.aio.server()
+    limits = frontend.info.limits
+    # Past maximum_concurrent_rpcs gRPC itself answers RESOURCE_EXHAUSTED; a larger message is refused
+    # before it is parsed.
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limits.max_message_bytes)],
+        maximum_concurrent_rpcs=limits.max_concurrent_streams or None,
+    )
     pb_grpc.add_DsaServeServicer_to_server(DsaServeServicer(frontend, batch_concurrency=concurrency), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
+    problem = await _health_problem(backend)
+    await _set_health(health_servicer, problem)
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     _PORTS[server] = bound
+    _HEALTH_TASKS[server] = asyncio.create_task(_watch_health(server, backend, health_servicer, problem))
     return server
+
+
+async def _health_problem(backend: Backend) -> str | None:
+    check = getattr(backend, "health", None)
+    if check is None:
+        return None
+    try:
+        return await check()
+    except Exception as exc:  # noqa: BLE001 — a failing check is itself a reason not to serve
+        return f"health check failed: {type(exc).__name__}: {exc}"
+
+
+async def _set_health(servicer: health.aio.HealthServicer, problem: str | None) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if problem is None else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
+
+
+async def _watch_health(server: grpc.aio.Server, backend: Backend, servicer: health.aio.HealthServicer,
+                        last: str | None) -> None:
+    """Keep the health service's answer equal to the backend's readiness until the server stops."""
+    while await server.wait_for_termination(HEALTH_POLL_S):  # True: timed out, still running
+        problem = await _health_problem(backend)
+        if problem != last:
+            if problem is not None:
+                log.warning("not serving: %s", problem)
+            await _set_health(servicer, problem)
+            last = problem
 
 
 def api_keys_from_env() -> frozenset[str]:
     """API keys from ``$DSASERVE_API_KEYS`` (comma or newline separated); empty: no authentication."""
     raw = os.environ.get("DSASERVE_API_KEYS", "")
     return frozenset(k.strip() for k in raw.replace("\n", ",").split(",") if k.strip())
+
+
+def _presented_key(context) -> str:
+    """The API key a call presents (``authorization: Bearer KEY``), "" when none."""
+    metadata = dict(context.invocation_metadata() or ())
+    return metadata.get("authorization", "").removeprefix("Bearer ").strip()
 
 
 def server_port(server: grpc.aio.Server) -> int:

@@ -3,11 +3,13 @@ messages field by field (protobuf stays at the wire)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from router.backend import ModelInfo
 from router.frontend import Completion, CompletionRequest, Delta
+from router.limits import RequestLimits
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
 from workers.engine.types import SamplingParams, TokenLogprob, TransferStats, Usage, WorkerStats
 
@@ -15,6 +17,22 @@ from workers.engine.types import SamplingParams, TokenLogprob, TransferStats, Us
 # pushback (milliseconds) of a RESOURCE_EXHAUSTED.
 FIELD_KEY = "dsaserve-field"
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# The same facts in the details, for proxies that drop trailing metadata on errors (Ray Serve's).
+_FIELD_IN_DETAILS = re.compile(r"^([a-z_]+): ")
+_RETRY_IN_DETAILS = re.compile(r"retry after ([0-9.]+) s")
+
+
+def error_facts(code: str, details: str, trailing: dict) -> tuple[str | None, float | None]:
+    """(offending field, retry-after seconds) of a failed call: from the trailing metadata, else from
+    the details ("FIELD: ..." of an INVALID_ARGUMENT, "retry after N s" of a RESOURCE_EXHAUSTED)."""
+    field = trailing.get(FIELD_KEY)
+    if field is None and code == "INVALID_ARGUMENT" and (m := _FIELD_IN_DETAILS.match(details)):
+        field = m.group(1)
+    retry = trailing.get(RETRY_PUSHBACK_KEY)
+    if retry is not None:
+        return field, int(retry) / 1000.0
+    m = _RETRY_IN_DETAILS.search(details) if code == "RESOURCE_EXHAUSTED" else None
+    return field, float(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,7 @@ def model_to_proto(info: ModelInfo) -> pb.Model:
             max_queue=info.max_queue,
             block_size=info.block_size,
             index_topk=info.index_topk,
+            **info.limits.to_json(),
         ),
         has_tokenizer=info.has_tokenizer,
         bos_token_id=info.bos_token_id,
@@ -170,6 +189,7 @@ def model_from_proto(m: pb.Model) -> ModelInfo:
         bos_token_id=m.bos_token_id,
         index_topk=m.limits.index_topk,
         has_tokenizer=m.has_tokenizer,
+        limits=RequestLimits(**{name: getattr(m.limits, name) for name in RequestLimits.names()}),
     )
 
 

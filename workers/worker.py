@@ -9,18 +9,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from workers.engine.engine import Engine
 from workers.host import set_engine_thread
 from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerError, WorkerStats
+from workers.parallel.group import ExpertParallelError
 
 log = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    """Steps its engines round-robin on one daemon thread; sleeps while none has work."""
+    """Steps its engines round-robin on one daemon thread; sleeps while none has work.
+
+    A request's failure is handled inside ``Engine.step``. When a step raises anyway (the engine
+    as a whole is broken), every request in flight on every engine ends with the error at once, and
+    then the loop restarts: each engine is ``reset`` to an empty one and stepping resumes, after a
+    pause that doubles while crashes follow each other closely. ``ExpertParallelError`` (the
+    expert-parallel group is broken) and non-``Exception`` errors stop the loop for good.
+
+    ``error``: the crash that keeps the loop from serving — set while it restarts and once it has
+    stopped for good, None while it serves. ``last_crash`` keeps the latest crash, ``restarts``
+    counts them; ``health_error()`` says in words why the loop does not serve, or None.
+    """
+
+    RESTART_PAUSE_S = 0.05  # first pause before a restart; doubled per crash in quick succession
+    MAX_RESTART_PAUSE_S = 10.0
 
     def __init__(self, engines: list[Engine], name: str = "dsaserve-engine", num_threads: int | None = None) -> None:
         """``num_threads``: intra-op threads of the loop's thread (None: torch's process default);
@@ -33,6 +49,9 @@ class EngineLoop:
             engine.wake_event = self._wake  # one event wakes the loop whichever engine got work
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.error: BaseException | None = None
+        self.last_crash: BaseException | None = None
+        self.restarts = 0
+        self._dead = False
 
     def start(self) -> "EngineLoop":
         self._thread.start()
@@ -43,25 +62,70 @@ class EngineLoop:
         self._wake.set()
         self._thread.join(timeout)
 
+    def health_error(self) -> str | None:
+        """Why the loop does not serve now (crashed for good, restarting after a crash, stopped, not
+        started), or None while it serves."""
+        error = self.error
+        if error is not None:
+            return f"engine loop crashed: {error}" if self._dead else f"engine loop restarting after a crash: {error}"
+        if self._stop.is_set():
+            return "engine loop stopped"
+        if not self._thread.is_alive():
+            return "engine loop not running"
+        return None
+
     def _run(self) -> None:
+        pause, last = self.RESTART_PAUSE_S, float("-inf")
+        while not self._stop.is_set():
+            try:
+                self._serve()
+                return
+            except BaseException as e:  # a crash must not hang every caller forever
+                fatal = isinstance(e, ExpertParallelError) or not isinstance(e, Exception)
+                self._dead = fatal
+                self.error = self.last_crash = e
+                log.exception("engine loop crashed%s", "" if fatal else "; restarting")
+                self._fail_all(f"engine loop crashed: {e}")
+                if fatal:
+                    return
+            now = time.monotonic()
+            pause = min(pause * 2, self.MAX_RESTART_PAUSE_S) if now - last < 4 * pause else self.RESTART_PAUSE_S
+            last = now
+            if self._stop.wait(pause) or not self._reset():
+                return
+
+    def _serve(self) -> None:
+        set_engine_thread(self.num_threads)
+        while not self._stop.is_set():
+            self._wake.clear()
+            busy = False
+            for engine in self.engines:
+                busy = engine.step() or busy
+            if not busy:
+                # Idle until a command arrives; the timeout keeps lease expiry ticking.
+                self._wake.wait(0.05)
+
+    def _fail_all(self, message: str) -> None:
+        for engine in self.engines:  # end every request in flight with the error, now
+            try:
+                engine.fail_all(message)
+            except Exception:
+                log.exception("failing the requests of %s", engine.worker_id)
+
+    def _reset(self) -> bool:
+        """Reset every engine; False (and the loop stays down) if that fails too."""
         try:
-            set_engine_thread(self.num_threads)
-            while not self._stop.is_set():
-                self._wake.clear()
-                busy = False
-                for engine in self.engines:
-                    busy = engine.step() or busy
-                if not busy:
-                    # Idle until a command arrives; the timeout keeps lease expiry ticking.
-                    self._wake.wait(0.05)
-        except BaseException as e:  # a crash must not hang every caller forever
-            self.error = e
-            log.exception("engine loop crashed")
-            for engine in self.engines:  # end every request in flight with the error, now
-                try:
-                    engine.fail_all(f"engine loop crashed: {e}")
-                except Exception:
-                    log.exception("failing the requests of %s", engine.worker_id)
+            for engine in self.engines:
+                engine.reset()
+        except Exception as e:
+            self._dead = True
+            self.error = self.last_crash = e
+            log.exception("engine loop could not restart")
+            return False
+        self.restarts += 1
+        self.error = None
+        log.warning("engine loop restarted (%d restarts)", self.restarts)
+        return True
 
 
 class EngineWorker:

@@ -48,6 +48,15 @@ class RunningCluster:
 
 def start_cluster(tmp: Path, model: Path, transfer: str, *, decode_replicas: int = 2, prefill_replicas: int = 1,
                   **extra) -> RunningCluster:
+    """``launch_cluster`` and wait for its ready line."""
+    running = launch_cluster(tmp, model, transfer, decode_replicas=decode_replicas,
+                             prefill_replicas=prefill_replicas, **extra)
+    return wait_cluster_ready(running)
+
+
+def launch_cluster(tmp: Path, model: Path, transfer: str, *, decode_replicas: int = 2, prefill_replicas: int = 1,
+                   **extra) -> RunningCluster:
+    """Start ``dsaserve serve`` on a config of these settings (``extra`` sections merge) and return at once."""
     grpc_port = free_port()
     config = {
         "model": str(model),
@@ -69,12 +78,18 @@ def start_cluster(tmp: Path, model: Path, transfer: str, *, decode_replicas: int
     env.pop("RAY_ADDRESS")
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(cfg_path)],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2])
-    deadline = time.monotonic() + 240
+    return RunningCluster(proc, f"127.0.0.1:{grpc_port}", log, config)
+
+
+def wait_cluster_ready(running: RunningCluster, timeout_s: float = 240.0) -> RunningCluster:
+    """Wait for the ready line of ``dsaserve serve`` (it prints it once a Generate would succeed)."""
+    proc, log = running.proc, running.log
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"dsaserve serve exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         if "cluster ready" in log.read_text():
-            return RunningCluster(proc, f"127.0.0.1:{grpc_port}", log, config)
+            return running
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"cluster not ready in time:\n{log.read_text()[-3000:]}")

@@ -5,13 +5,14 @@ repeats what it sent) or ends with a clear UNAVAILABLE — never garbage."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import time
+import threading
 
 import pytest
 import torch
 
 from cluster.config import ClusterConfig
 from router.client import Client, DsaServeError
+from router.frontend import Completion
 from workers.model import load_model
 
 from ..engine.conftest import reference_greedy
@@ -58,19 +59,28 @@ def _replica_actors(ray, deployment: str) -> list:
 def test_killed_replica_mid_stream(live_cluster, want, victim):
     address, ray = live_cluster
 
+    streaming = threading.Semaphore(0)
+
     def one(i: int):
         with Client(address, timeout=120) as client:
+            deltas = []
             try:
-                return client.generate(prompt_ids=list(PROMPT), max_tokens=N_TOKENS, ignore_eos=True)
+                for delta in client.generate_stream(prompt_ids=list(PROMPT), max_tokens=N_TOKENS, ignore_eos=True):
+                    if not deltas:
+                        streaming.release()
+                    deltas.append(delta)
             except DsaServeError as e:
                 return e
+            return Completion.from_deltas(deltas)
 
     with cf.ThreadPoolExecutor(6) as pool:
         jobs = [pool.submit(one, i) for i in range(6)]
-        time.sleep(1.0)  # requests are prefilling and streaming
+        assert streaming.acquire(timeout=120), "no request started streaming"
         actors = _replica_actors(ray, victim)
         assert actors, f"no {victim} replica found"
         ray.kill(actors[0], no_restart=False)
+        # the fault must hit requests in flight, or this test would show nothing
+        assert not all(j.done() for j in jobs), "every request had finished before the kill"
         results = [j.result() for j in jobs]
     done = [r for r in results if not isinstance(r, DsaServeError)]
     failed = [r for r in results if isinstance(r, DsaServeError)]

@@ -137,8 +137,11 @@ def test_failed_kv_transfer_falls_back_to_recompute_with_the_same_tokens(tiny_ck
     p = prompt(120, seed=9)
     want = reference_greedy(model, p, 8)
     with LocalBackend.start(tiny_ckpt, engine_config=EngineConfig(num_blocks=32)) as be:
+        before = be.transfer.stats()
         be.transfer._storages.clear()  # the prefill worker's memory is gone: every read fails
         tokens, last = asyncio.run(_run(be, _greedy("t", p, 8)))
+        after = be.transfer.stats()
+        assert after["failures"] > before["failures"] and after["transfers"] == before["transfers"]
         assert tokens == want and last.finish_reason == "length"
         assert last.usage.completion_tokens == 8 and last.usage.prompt_tokens == 120
         deadline = time.monotonic() + 5

@@ -360,6 +360,7 @@ def test_routing_values_reach_the_router():
 NOT_FROM_VALUES = {
     "router.host": "always 0.0.0.0 in a pod",
     "redis.password": "a Secret's value never goes into the RayService; the URL carries ${REDIS_PASSWORD}",
+    "router.tls": "the chart's tls-front sidecar terminates TLS (values tls.*), not `dsaserve serve`",
 }
 
 

@@ -1,7 +1,8 @@
 """NIXL KV transfer between real processes: bytes arrive exactly, the holder is notified; a layout
-mismatch, a bad or expired handle, a stuck READ or a dead holder raises TransferError (never a
-half-read success); a prefill engine in another process hands its KV to a decode engine that then
-produces the reference tokens and the prefill engine drops its lease on the READ's notification.
+mismatch, a bad or expired handle, blocks the holder freed or reused, a stuck READ or a dead holder
+raises TransferError (never a half-read success); a prefill engine in another process hands its KV to
+a decode engine that then produces the reference tokens and the prefill engine drops its lease on
+the READ's notification.
 
 The holder runs in a "spawn" child; the reader is this process. No UCX variables are set: UCX's
 defaults (shared memory + cma, TCP wire-up) work between processes here.
@@ -40,17 +41,32 @@ def _fill(storage: PagedKVStorage, seed: int) -> None:
     storage.buffer.copy_(torch.randint(0, 256, storage.buffer.shape, dtype=torch.uint8, generator=g))
 
 
-def _holder_main(conn, layout_kw: dict, num_blocks: int, seed: int | None, name: str) -> None:
-    """Child: a filled storage behind a NixlHolder; answers "notifs" with read_done() until "stop"."""
+def _holder_main(conn, layout_kw: dict, num_blocks: int, seed: int | None, name: str, with_pool: bool = False) -> None:
+    """Child: a filled storage behind a NixlHolder; answers "notifs" with read_done() until "stop".
+    ``with_pool``: every block is in use in a bound BlockPool (then it sends the generations too);
+    ("reuse", blocks) frees those blocks and hands them out again, answering their new generations."""
+    from kvstore.block_pool import BlockPool
+
     storage = PagedKVStorage(BlockLayout(**layout_kw), num_blocks)
     if seed is not None:
         _fill(storage, seed)
     holder = NixlHolder(name, storage)
+    pool = BlockPool(num_blocks)
+    if with_pool:
+        pool.allocate(num_blocks)
+        holder.bind_pool(pool)
     conn.send(holder.endpoint())
+    if with_pool:
+        conn.send(pool.generations(range(num_blocks)))
     while True:
         msg = conn.recv()
         if msg == "stop":
             return
+        if msg[0] == "reuse":
+            pool.release(msg[1])
+            pool.allocate(len(msg[1]))
+            conn.send(pool.generations(range(num_blocks)))
+            continue
         deadline, seen = time.monotonic() + msg[1], []
         while not seen and time.monotonic() < deadline:
             seen = holder.read_done()
@@ -61,14 +77,17 @@ def _holder_main(conn, layout_kw: dict, num_blocks: int, seed: int | None, name:
 class Holder:
     """A holder process and its endpoint."""
 
-    def __init__(self, layout_kw: dict = LAYOUT, num_blocks: int = 16, seed: int | None = 0, *, expected: bool = True) -> None:
+    def __init__(self, layout_kw: dict = LAYOUT, num_blocks: int = 16, seed: int | None = 0, *, expected: bool = True,
+                 with_pool: bool = False) -> None:
         self.conn, child = CTX.Pipe()
         self.name = f"holder-{uuid.uuid4().hex[:8]}"
-        self.proc = CTX.Process(target=_holder_main, args=(child, layout_kw, num_blocks, seed, self.name), daemon=True)
+        self.proc = CTX.Process(target=_holder_main, args=(child, layout_kw, num_blocks, seed, self.name, with_pool),
+                                daemon=True)
         self.proc.start()
         if not self.conn.poll(60):
             raise RuntimeError("holder process did not start")
         self.endpoint = self.conn.recv()
+        self.generations = self.conn.recv() if with_pool else None
         if expected:
             self.expected = PagedKVStorage(BlockLayout(**layout_kw), num_blocks)
             _fill(self.expected, seed)  # the same bytes the child holds
@@ -76,6 +95,11 @@ class Holder:
     def read_done(self, wait_s: float = 5.0) -> list[str]:
         self.conn.send(("notifs", wait_s))
         return self.conn.recv()
+
+    def reuse(self, blocks: list[int]) -> None:
+        """The holder frees ``blocks`` and hands them to another request."""
+        self.conn.send(("reuse", blocks))
+        self.generations = self.conn.recv()
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -90,10 +114,12 @@ class Holder:
             self.kill()
 
 
-def _handle(holder: Holder, block_ids, request_id: str = "req-1", lease_s: float = 60.0) -> KVHandle:
+def _handle(holder: Holder, block_ids, request_id: str = "req-1", lease_s: float = 60.0, gens: bool = True) -> KVHandle:
     fp = LayoutFingerprint("m", "float32", "exact", 64, 1, 3, holder.endpoint["bytes_per_block"])
+    generations = tuple(holder.generations[b] for b in block_ids) if holder.generations and gens else ()
     return KVHandle(worker_id=holder.name, request_id=request_id, block_ids=tuple(block_ids), num_tokens=64 * len(block_ids),
-                    first_token=0, fingerprint=fp, lease_expires_at=time.time() + lease_s, endpoint=holder.endpoint)
+                    first_token=0, fingerprint=fp, lease_expires_at=time.time() + lease_s, endpoint=holder.endpoint,
+                    block_generations=generations)
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +204,60 @@ def test_a_stuck_read_times_out_then_the_next_read_reconnects(holder, monkeypatc
     while "req-after" not in seen and len(seen) < 4:
         seen += holder.read_done(wait_s=2.0)
     assert "req-after" in seen
+
+
+def test_reads_near_or_past_the_lease_end_are_refused(holder, monkeypatch):
+    r = NixlTransfer(f"reader-{uuid.uuid4().hex[:8]}", timeout_s=3.0, lease_margin_s=0.2)
+    dst = PagedKVStorage(_layout(), 4)
+    try:
+        # Within the margin of its end (clock skew, a slow READ): refused before any byte moves.
+        with pytest.raises(TransferError, match="expired before the read"):
+            r.read(_handle(holder, [1], "req-near", lease_s=0.1), dst, [0])
+        assert not dst.buffer.any()
+        # A READ that completes after the lease's end may hold another request's KV: discarded.
+        post = r.agent.transfer
+        monkeypatch.setattr(r.agent, "transfer", lambda xfer, *a: (post(xfer, *a), time.sleep(0.5))[0])
+        with pytest.raises(TransferError, match="expired during the read"):
+            r.read(_handle(holder, [1], "req-late", lease_s=0.5), dst, [0])
+        assert r.stats()["failures"] == 2 and r.stats()["transfers"] == 0
+    finally:
+        r.close()
+
+
+def test_blocks_the_holder_freed_or_reused_are_refused(monkeypatch):
+    h = Holder(num_blocks=8, with_pool=True)
+    r = NixlTransfer(f"reader-{uuid.uuid4().hex[:8]}", timeout_s=3.0)
+    dst = PagedKVStorage(_layout(), 8)
+    try:
+        assert "gen_addr" in h.endpoint
+        r.read(_handle(h, [1, 2, 5], "req-held"), dst, [0, 1, 2])
+        assert torch.equal(dst.read_blocks([0, 1, 2]), h.expected.read_blocks([1, 2, 5]))
+        assert h.read_done() == ["req-held"]  # the notification rides on the generations' READ
+        # The lease ended early (a stray release, a restarted holder) and block 2 went to another request.
+        stale = _handle(h, [1, 2, 5], "req-stale")
+        h.reuse([2])
+        with pytest.raises(TransferError, match="freed or reused by the holder"):
+            r.read(stale, dst, [0, 1, 2])
+        # Block 5 is reused while the blocks are on their way: the copy is discarded.
+        post, posted = r.agent.transfer, []
+
+        def racing(xfer, *a):
+            state = post(xfer, *a)
+            if not posted:
+                posted.append(True)
+                h.reuse([5])
+            return state
+
+        monkeypatch.setattr(r.agent, "transfer", racing)
+        with pytest.raises(TransferError, match="freed or reused by the holder"):
+            r.read(_handle(h, [1, 2, 5], "req-racing"), dst, [0, 1, 2])
+        monkeypatch.undo()
+        with pytest.raises(TransferError, match="carries no block generations"):
+            r.read(_handle(h, [1], "req-bare", gens=False), dst, [0])
+        assert r.stats()["failures"] == 3 and r.stats()["transfers"] == 1
+    finally:
+        r.close()
+        h.close()
 
 
 @pytest.mark.parametrize("when", ["before", "during"])

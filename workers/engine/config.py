@@ -15,6 +15,8 @@ class EngineConfig:
     ``num_blocks`` KV blocks of ``block_size`` tokens; each step runs at most
     ``max_num_batched_tokens`` tokens (decode tokens plus prefill chunks) for at most ``max_num_seqs``
     running sequences; ``max_model_len`` caps prompt + output (≤ the model's max positions).
+    ``priority_aging_s``: seconds of waiting worth one level of ``GenerateRequest.priority`` when
+    the scheduler picks whom to admit (see ``workers.engine.scheduler``).
     """
 
     num_blocks: int = 2048
@@ -28,6 +30,7 @@ class EngineConfig:
     host_cache_blocks: int = 0  # context cache: evicted blocks kept in host memory (0: off)
     disk_cache_dir: str | None = None  # context cache on disk (None: off)
     disk_cache_blocks: int = 0
+    priority_aging_s: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
@@ -35,5 +38,7 @@ class EngineConfig:
                 raise ValueError(f"engine config {name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"engine config max_model_len must be ≥ 2, got {self.max_model_len}")
+        if not self.priority_aging_s > 0:
+            raise ValueError(f"engine config priority_aging_s must be > 0, got {self.priority_aging_s}")
         if self.lease_s <= 0:
             raise ValueError(f"engine config lease_s must be > 0, got {self.lease_s}")

@@ -8,10 +8,15 @@
 
 Thread model: ``add_request``/``import_kv``/``abort``/``release`` may be called from any thread; they
 queue commands that ``step()`` applies on the engine's own thread, so scheduling state has one owner.
+
+Failures: one request's failure stays that request's (see ``step``). What ``step`` raises means the
+engine as a whole is broken: its caller ends every request (``fail_all``) and may start afresh
+(``reset``), except after ``ExpertParallelError``, which no retry can cure.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -26,16 +31,24 @@ from kvstore.paged import BlockLayout, PagedKVStorage
 from kvstore.tiers import TierEvent
 from kvstore.transfer import KVHolder, KVTransfer, TransferError
 from workers.model.model import DeepseekV32
+from workers.parallel.group import ExpertParallelError
 
 from .config import EngineConfig, Role
 from .kv_manager import KVCacheManager
 from .leases import KVImport, KVImporter, LeaseTable
 from .output import OutputProcessor, Sink
 from .runner import ModelRunner
-from .sampler import make_generator, sample
+from .sampler import make_generator
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SeqStatus
-from .types import GenerateRequest, TransferStats, WorkerStats
+from .types import GenerateRequest, TokenLogprob, TransferStats, WorkerStats
+
+log = logging.getLogger(__name__)
+
+
+def error_message(error: BaseException) -> str:
+    """What a request ended by ``error`` reports."""
+    return f"engine error: {type(error).__name__}: {error}"
 
 
 class Engine:
@@ -78,6 +91,8 @@ class Engine:
         self.outputs = OutputProcessor(mc.eos_token_id, self.max_model_len)
         # The holder side of the KV transfer backend (prefill role): publishes where blocks live.
         self.holder = holder_factory(self.kv.storage) if holder_factory else None
+        if self.holder is not None:
+            self.holder.bind_pool(self.kv.pool)
         self.fingerprint = LayoutFingerprint(
             model_id=model_id, dtype=str(dtype).removeprefix("torch."), index_dtype=mode,
             block_size=config.block_size, hash_version=HASH_VERSION, num_layers=mc.num_hidden_layers,
@@ -154,7 +169,22 @@ class Engine:
         self.importer.fail_all(message)
         for seq in list(self._seqs.values()):
             self.outputs.emit(seq, "error", message)
-            self._finish(seq)
+            try:
+                self._finish(seq)
+            except Exception:  # the state may be what broke the engine; every caller still hears
+                log.exception("freeing %s after the engine failed", seq.request_id)
+
+    def reset(self) -> None:
+        """After ``fail_all``, on the engine thread: back to an empty engine — every block free and
+        uncached, no sequences, leases or imports — that accepts requests again."""
+        self.scheduler.clear()
+        self.leases.clear()
+        self.importer.fail_all("engine reset")  # none left after fail_all; never leave a caller waiting
+        self.outputs.sinks.clear()
+        self._seqs.clear()
+        self.kv.pool.reset()
+        with self._fail_lock:
+            self._failed = None
 
     def stats(self) -> WorkerStats:
         """Load and KV transfer counters; read racily from other threads. ``healthy`` stays True: the
@@ -184,7 +214,13 @@ class Engine:
                     or len(self.leases) or not self._inbox.empty())
 
     def step(self) -> bool:
-        """Apply queued commands, run one scheduled batch, emit outputs. True if a forward ran."""
+        """Apply queued commands, run one scheduled batch, emit outputs. True if a forward ran.
+
+        A command that raises ends its own request. A batch whose forward or sampling raises runs
+        again one sequence at a time, each alone in its forward: the sequences that fail alone end
+        with an ``error`` output (``error_message``) and free their blocks, the others go on with
+        the tokens an undisturbed run gives. ``ExpertParallelError`` and failures outside any one
+        request propagate (see the module docstring)."""
         self._drain_inbox()
         self.leases.expire()
         self._start_imported()
@@ -195,17 +231,53 @@ class Engine:
 
     def _run(self, out: SchedulerOutput) -> None:
         work = [(seq, 1) for seq in out.decodes] + out.prefills
-        sampled = [seq.num_pending == n for seq, n in work]
-        logits = self.runner.run(work, len(out.decodes), sampled)
-        for seq, n in work:
+        rngs = [(seq.generator, seq.generator.get_state()) for seq, _ in work if seq.generator is not None]
+        try:
+            result = self.runner.run_and_sample(work, len(out.decodes))
+        except ExpertParallelError:
+            raise
+        except Exception as e:
+            log.warning("a step of %d sequences failed (%s); running them one at a time", len(work), error_message(e))
+            for generator, state in rngs:  # each retry draws what the batch would have drawn
+                generator.set_state(state)
+            for i, entry in enumerate(work):
+                self._run_alone(entry, decode=i < len(out.decodes))
+            return
+        self._advance(work, *result)
+
+    def _run_alone(self, entry: tuple[Sequence, int], decode: bool) -> None:
+        try:
+            result = self.runner.run_and_sample([entry], 1 if decode else 0)
+        except ExpertParallelError:
+            raise
+        except Exception as e:
+            self._fail(entry[0], e)
+            return
+        self._advance([entry], *result)
+
+    def _advance(self, work: list[tuple[Sequence, int]], sampled: list[bool], tokens: list[int],
+                 logprobs: list[TokenLogprob | None]) -> None:
+        """Count a successful forward's KV (``run_and_sample`` changed no sequence) and hand out its
+        tokens; a sequence that fails here fails alone."""
+        picks = iter(zip(tokens, logprobs))
+        for (seq, n), s in zip(work, sampled):
             seq.num_computed_tokens += n
-            self.kv.commit(seq)
-        self._tokens_done += out.num_tokens
-        seqs = [seq for (seq, _), s in zip(work, sampled) if s]
-        if seqs:
-            tokens, logprobs = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
-            for seq, token, lp in zip(seqs, tokens, logprobs):
-                self._on_token(seq, token, lp)
+            self._tokens_done += n
+            pick = next(picks) if s else None
+            try:
+                self.kv.commit(seq)
+                if pick is not None:
+                    self._on_token(seq, *pick)
+            except ExpertParallelError:
+                raise
+            except Exception as e:
+                self._fail(seq, e)
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """End ``seq`` alone with an ``error`` output and free its blocks."""
+        log.error("request %s failed: %s", seq.request_id, error_message(error), exc_info=error)
+        self.outputs.emit(seq, "error", error_message(error))
+        self._finish(seq)
 
     def _on_token(self, seq: Sequence, token: int, logprob) -> None:
         reason = self.outputs.append(seq, token, logprob)
@@ -238,16 +310,39 @@ class Engine:
                 cmd = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            kind = cmd[0]
-            if kind == "add":
-                self._add(cmd[1], cmd[2])
-            elif kind == "import":
-                self.requests_total += 1
-                self.importer.pending.append(cmd[1])
-            elif kind == "abort":
-                self._abort(cmd[1])
-            elif kind == "release":
-                self.leases.release(cmd[1])
+            try:
+                self._apply(cmd)
+            except ExpertParallelError:
+                raise
+            except Exception as e:
+                self._command_failed(cmd, e)
+
+    def _apply(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            self._add(cmd[1], cmd[2])
+        elif kind == "import":
+            self.requests_total += 1
+            self.importer.pending.append(cmd[1])
+        elif kind == "abort":
+            self._abort(cmd[1])
+        elif kind == "release":
+            self.leases.release(cmd[1])
+
+    def _command_failed(self, cmd: tuple, error: Exception) -> None:
+        """End the request a failed command was about; the engine's other requests go on."""
+        kind, arg = cmd[0], cmd[1]
+        rid = arg.request_id if kind == "add" else arg.request.request_id if kind == "import" else arg
+        seq = self._seqs.get(rid)
+        if seq is not None and (kind != "add" or self.outputs.sinks.get(rid) is cmd[2]):
+            self._fail(seq, error)
+            return
+        log.error("%s of request %s failed: %s", kind, rid, error_message(error), exc_info=error)
+        if kind == "add":
+            OutputProcessor.send(rid, cmd[2], OutputProcessor.error_output(arg, error_message(error)))
+        elif kind == "import":
+            self.importer.drop(rid)
+            arg.notify(TransferError(error_message(error)))
 
     def _add(self, request: GenerateRequest, sink: Sink) -> None:
         self.requests_total += 1
@@ -292,7 +387,12 @@ class Engine:
             seq.first_token_time = time.monotonic()
             if handle.first_logprob is not None:
                 seq.logprobs.append(handle.first_logprob)
-            self.kv.commit(seq)
+            try:
+                self.kv.commit(seq)
+            except Exception as e:  # as a failed read: the caller recomputes
+                self.kv.free(seq)
+                imp.notify(TransferError(error_message(e)))
+                continue
             self._seqs[request.request_id] = seq
             self.outputs.register(request.request_id, imp.sink)
             self.scheduler.add_running(seq)

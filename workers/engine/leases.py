@@ -33,21 +33,28 @@ class LeaseTable:
         return request_id in self._leases
 
     def hand_off(self, seq: Sequence, worker_id: str, fingerprint: LayoutFingerprint) -> KVHandle:
-        """Lease ``seq``'s blocks (it has its first token) and describe them as a handle."""
+        """Lease ``seq``'s blocks (it has its first token) and describe them as a handle. If this
+        raises (e.g. the holder cannot publish), no lease was taken: the blocks are still ``seq``'s."""
         expires = time.time() + self.lease_s
-        self._leases[seq.request_id] = (seq, expires)
-        return KVHandle(
+        handle = KVHandle(
             worker_id=worker_id, request_id=seq.request_id, block_ids=tuple(seq.block_table),
             num_tokens=seq.num_computed_tokens, first_token=seq.token_ids[-1], fingerprint=fingerprint,
             lease_expires_at=expires, cached_tokens=seq.num_cached_tokens,
             first_logprob=seq.logprobs[0] if seq.logprobs else None,
             endpoint=self.holder.endpoint(seq.block_table, seq.request_id) if self.holder else {},
+            block_generations=self.kv.pool.generations(seq.block_table),
         )
+        self._leases[seq.request_id] = (seq, expires)
+        return handle
 
     def release(self, request_id: str) -> None:
         lease = self._leases.pop(request_id, None)
         if lease is not None:
             self.kv.free(lease[0])
+
+    def clear(self) -> None:
+        """Forget every lease without freeing (the pool is being reset)."""
+        self._leases.clear()
 
     def expire(self) -> None:
         """Release what readers reported done, and every lease past its time."""

@@ -10,7 +10,9 @@ from kvstore.paged import PagedKVStorage
 from workers.model.model import DeepseekV32
 from workers.model.step import StepBatch
 
+from .sampler import sample
 from .sequence import Sequence
+from .types import TokenLogprob
 
 
 class ModelRunner:
@@ -43,3 +45,17 @@ class ModelRunner:
         if not rows:
             return hidden.new_empty(0, self.model.config.vocab_size)
         return self.model.head_logits(hidden[torch.tensor(rows, device=self.device)], float32=False)
+
+    def run_and_sample(self, work: Seq[tuple[Sequence, int]],
+                       num_decodes: int) -> tuple[list[bool], list[int], list[TokenLogprob | None]]:
+        """``run`` then sample each entry whose last scheduled token is its last pending one → (sampled flag
+        per entry, token and logprob entry per sampled entry, in order). Changes no sequence: the KV
+        written past each ``num_computed_tokens`` counts only once the caller moves that count, so a
+        failed attempt can simply run again (the seeded generators restored)."""
+        sampled = [seq.num_pending == n for seq, n in work]
+        logits = self.run(work, num_decodes, sampled)
+        seqs = [seq for (seq, _), s in zip(work, sampled) if s]
+        if not seqs:
+            return sampled, [], []
+        tokens, logprobs = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+        return sampled, tokens, logprobs

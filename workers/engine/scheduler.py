@@ -1,18 +1,26 @@
 """Scheduler: picks each step's work within a token budget (continuous batching, chunked prefill).
 
 Order each step: (1) running sequences that decode (one token each), (2) running sequences with an
-unfinished prefill, continuing in chunks, (3) waiting sequences, first come first served, each
+unfinished prefill, continuing in chunks, (3) waiting sequences in admission order (below), each
 starting from its longest cached prefix. When blocks run out for a running sequence, the most
 recently admitted running sequence is preempted: its blocks are released (full ones stay cached)
-and it goes back to the front of the queue to be recomputed — never a crash.
+and it goes back to the queue, ahead of every sequence not yet admitted, to be recomputed — never
+a crash.
+
+Admission order: lower ``GenerateRequest.priority`` first, first come first served within a
+priority, with aging so that nothing starves. A sequence's effective priority is
+``priority - waited_s / priority_aging_s``: every ``priority_aging_s`` seconds of waiting is worth
+one priority level. Since every waiting sequence ages at the same rate, that order is the order of
+``arrival + priority * priority_aging_s``, fixed at arrival: a request of priority ``p`` goes ahead
+of any request of priority ``q`` that arrives more than ``(p - q) * priority_aging_s`` seconds
+after it. The head of the queue is admitted first; while it cannot get blocks, nothing behind it is.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
-
+import bisect
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from kvstore.block_pool import BlockPool
 from kvstore.hashing import BlockHash
@@ -38,7 +46,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Owns the waiting queue and the running set; block accounting through ``BlockPool``."""
+    """Owns the waiting queue (kept in admission order, see the module docstring) and the running
+    set; block accounting through ``BlockPool``."""
 
     def __init__(self, config: EngineConfig, pool: BlockPool, restore: Callable[[list[BlockHash]], list[int]] | None = None) -> None:
         self.config = config
@@ -46,13 +55,22 @@ class Scheduler:
         # Loads the next blocks of a prefix from the context cache (host/disk tiers) into fresh
         # blocks, committed and referenced; returns them (a prefix of the hashes given).
         self.restore = restore
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
+    def _order(self, seq: Sequence) -> tuple[bool, float]:
+        """Admission order key: preempted sequences first, then ``arrival + priority * aging``."""
+        return not seq.admitted_once, seq.arrival + seq.request.priority * self.config.priority_aging_s
+
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        bisect.insort_right(self.waiting, seq, key=self._order)  # after equal keys: FIFO on ties
+
+    def clear(self) -> None:
+        """Forget every sequence (the engine is being reset; the pool is reset with it)."""
+        self.waiting.clear()
+        self.running.clear()
 
     def add_running(self, seq: Sequence) -> None:
         """A sequence whose blocks are already allocated (an imported KV handle)."""
@@ -89,8 +107,7 @@ class Scheduler:
             victim.block_table = []
             victim.num_computed_tokens = 0
             victim.committed_blocks = 0
-            victim.status = SeqStatus.WAITING
-            self.waiting.appendleft(victim)
+            self.add(victim)
             out.preempted.append(victim)
             self.num_preemptions += 1
             return True
@@ -121,7 +138,7 @@ class Scheduler:
             if not self._grow(seq, n):
                 self._untake_prefix(seq)
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
             seq.status = SeqStatus.RUNNING
             seq.admitted_once = True
             self.running.append(seq)

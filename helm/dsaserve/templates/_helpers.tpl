@@ -122,6 +122,18 @@ groups. Argument: the kind's values (.Values.prefill or .Values.decode).
 {{- toYaml $a -}}
 {{- end -}}
 
+{{/* The port of Serve's gRPC proxy on every Ray pod: router.grpc_port, or behind the TLS front tls.proxyPort. */}}
+{{- define "dsaserve.serveGrpcPort" -}}
+{{- if .Values.tls.enabled }}{{ .Values.tls.proxyPort | int }}{{ else }}{{ .Values.router.grpc_port | int }}{{ end -}}
+{{- end -}}
+
+{{- define "dsaserve.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "dsaserve.fullname" .)) .Values.tls.secretName -}}
+{{- end -}}
+
+{{/* Where the gRPC API's TLS Secret is mounted in the head pod's tls-front container. */}}
+{{- define "dsaserve.tlsDir" -}}/etc/dsaserve/tls{{- end -}}
+
 {{/* Where a TLS Secret for an external Redis is mounted. */}}
 {{- define "dsaserve.redisTlsDir" -}}/etc/dsaserve/redis-tls{{- end -}}
 
@@ -140,11 +152,19 @@ groups. Argument: the kind's values (.Values.prefill or .Values.decode).
 {{- toYaml $a -}}
 {{- end -}}
 
+{{/* ClusterConfig.router.limits: integers, as RequestLimits takes them. */}}
+{{- define "dsaserve.limitArgs" -}}
+{{- $a := dict -}}
+{{- range $k, $v := .Values.router.limits }}{{ $_ := set $a $k (int $v) }}{{ end -}}
+{{- toYaml $a -}}
+{{- end -}}
+
 {{/* serveConfigV2's args: exactly ClusterConfig's fields (it forbids unknown keys). */}}
 {{- define "dsaserve.clusterArgs" -}}
 {{- $v := .Values -}}
 {{- $router := dict "grpc_port" (int $v.router.grpc_port) "http_port" (int $v.router.http_port) "host" "0.0.0.0"
-      "max_queue" (int $v.router.max_queue) "replicas" (int $v.router.replicas) -}}
+      "max_queue" (int $v.router.max_queue) "replicas" (int $v.router.replicas)
+      "startup_timeout_s" (float64 $v.router.startup_timeout_s) "limits" (include "dsaserve.limitArgs" . | fromYaml) -}}
 {{- $routing := dict "policy" $v.routing.policy "alpha" (float64 $v.routing.alpha) "beta" (float64 $v.routing.beta)
       "local_prefill_max_tokens" (int $v.routing.local_prefill_max_tokens) "temperature_s" (float64 $v.routing.temperature_s) -}}
 {{- $args := dict "model" $v.model.path "transfer" $v.transfer "router" $router "routing" $routing
@@ -169,7 +189,7 @@ http_options:
   host: 0.0.0.0
   port: {{ .Values.router.http_port | int }}
 grpc_options:
-  port: {{ .Values.router.grpc_port | int }}
+  port: {{ include "dsaserve.serveGrpcPort" . }}
   grpc_servicer_functions:
     - router.proto.dsaserve.v1.dsaserve_pb2_grpc.add_DsaServeServicer_to_server
     - grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server
@@ -220,5 +240,21 @@ applications:
 {{- $ports := list (int .Values.router.grpc_port) (int .Values.router.http_port) (int .Values.metrics.port) -}}
 {{- if ne (len (uniq $ports)) 3 -}}
 {{- fail (printf "router.grpc_port (%v), router.http_port (%v) and metrics.port (%v) must differ" .Values.router.grpc_port .Values.router.http_port .Values.metrics.port) -}}
+{{- end -}}
+{{- $tls := .Values.tls -}}
+{{- if $tls.enabled -}}
+{{- if has (int $tls.proxyPort) $ports -}}
+{{- fail (printf "tls.proxyPort (%v) must differ from router.grpc_port, router.http_port and metrics.port" $tls.proxyPort) -}}
+{{- end -}}
+{{- $inline := or $tls.cert $tls.key $tls.ca -}}
+{{- if and $tls.secretName $inline -}}
+{{- fail "tls.secretName and tls.cert/key/ca are both set: name an existing Secret, or give the PEM text, not both" -}}
+{{- end -}}
+{{- if and (not $tls.secretName) (not (and $tls.cert $tls.key)) -}}
+{{- fail "tls.enabled needs tls.secretName (an existing kubernetes.io/tls Secret) or both tls.cert and tls.key" -}}
+{{- end -}}
+{{- if and $tls.clientAuth (not $tls.secretName) (not $tls.ca) -}}
+{{- fail "tls.clientAuth needs the CA that signs client certificates: tls.ca (or ca.crt in tls.secretName)" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}

@@ -120,7 +120,11 @@ spec:
         - {name: client, containerPort: 10001}
         {{- end }}
         - {name: serve, containerPort: {{ $v.router.http_port | int }}}
+        {{- if $v.tls.enabled }}
+        - {name: grpc-plain, containerPort: {{ include "dsaserve.serveGrpcPort" $root }}}
+        {{- else }}
         - {name: grpc, containerPort: {{ $v.router.grpc_port | int }}}
+        {{- end }}
         - {name: metrics, containerPort: {{ $v.metrics.port | int }}}
       {{- $res := deepCopy $spec.resources }}
       {{- if gt (int .gpus) 0 }}
@@ -131,6 +135,22 @@ spec:
         {{- toYaml $res | nindent 8 }}
       securityContext:
         {{- toYaml $v.securityContext | nindent 8 }}
+      {{- with $v.router.readinessProbe }}
+      {{- if and .enabled (not $isHead) }}
+      readinessProbe:
+        exec:
+          command:
+            - dsaserve
+            - client
+            - health
+            - "--address=127.0.0.1:{{ include "dsaserve.serveGrpcPort" $root }}"
+            - "--timeout={{ max 1 (sub (int .timeoutSeconds) 3) }}"
+        initialDelaySeconds: {{ .initialDelaySeconds | int }}
+        periodSeconds: {{ .periodSeconds | int }}
+        timeoutSeconds: {{ .timeoutSeconds | int }}
+        failureThreshold: {{ .failureThreshold | int }}
+      {{- end }}
+      {{- end }}
       {{- if not $isHead }}
       lifecycle:
         preStop:
@@ -149,6 +169,33 @@ spec:
         {{- if and (not $v.redis.enabled) $v.redis.external.tls.secretName }}
         - {name: redis-tls, mountPath: {{ include "dsaserve.redisTlsDir" $root }}, readOnly: true}
         {{- end }}
+    {{- if and $isHead $v.tls.enabled }}
+    {{- $dir := include "dsaserve.tlsDir" $root }}
+    {{- /* Serve's gRPC proxy has no TLS: this terminates it on the public port and forwards every call. */}}
+    - name: tls-front
+      image: {{ include "dsaserve.image" $root }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      command: [dsaserve, tls-front]
+      args:
+        - "--listen=[::]:{{ $v.router.grpc_port | int }}"
+        - "--upstream=127.0.0.1:{{ include "dsaserve.serveGrpcPort" $root }}"
+        - "--tls-cert={{ $dir }}/tls.crt"
+        - "--tls-key={{ $dir }}/tls.key"
+        {{- if $v.tls.clientAuth }}
+        - "--tls-client-ca={{ $dir }}/ca.crt"
+        {{- end }}
+      ports:
+        - {name: grpc, containerPort: {{ $v.router.grpc_port | int }}}
+      readinessProbe:
+        tcpSocket: {port: grpc}
+        periodSeconds: 5
+      resources:
+        {{- toYaml $v.tls.resources | nindent 8 }}
+      securityContext:
+        {{- toYaml (merge (dict "readOnlyRootFilesystem" true) $v.securityContext) | nindent 8 }}
+      volumeMounts:
+        - {name: tls, mountPath: {{ $dir }}, readOnly: true}
+    {{- end }}
   volumes:
     - name: dshm
       emptyDir: {medium: Memory, sizeLimit: {{ $spec.shmSize }}}
@@ -171,6 +218,10 @@ spec:
     {{- if and (not $v.redis.enabled) $v.redis.external.tls.secretName }}
     - name: redis-tls
       secret: {secretName: {{ $v.redis.external.tls.secretName }}, defaultMode: 0440}
+    {{- end }}
+    {{- if and $isHead $v.tls.enabled }}
+    - name: tls
+      secret: {secretName: {{ include "dsaserve.tlsSecretName" $root }}, defaultMode: 0440}
     {{- end }}
     {{- with $v.model.volume }}
     {{- if eq .type "pvc" }}

@@ -127,16 +127,32 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_tokens", "max_queue", "block_size", "index_topk")
+    __slots__ = ("max_tokens", "max_queue", "block_size", "index_topk", "max_stop_strings", "max_stop_string_chars", "max_stop_token_ids", "max_request_id_chars", "max_cache_salt_chars", "max_prompt_chars", "max_message_bytes", "max_concurrent_streams")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     INDEX_TOPK_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_STRING_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_ID_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CACHE_SALT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     max_queue: int
     block_size: int
     index_topk: int
-    def __init__(self, max_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., block_size: _Optional[int] = ..., index_topk: _Optional[int] = ...) -> None: ...
+    max_stop_strings: int
+    max_stop_string_chars: int
+    max_stop_token_ids: int
+    max_request_id_chars: int
+    max_cache_salt_chars: int
+    max_prompt_chars: int
+    max_message_bytes: int
+    max_concurrent_streams: int
+    def __init__(self, max_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., block_size: _Optional[int] = ..., index_topk: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_request_id_chars: _Optional[int] = ..., max_cache_salt_chars: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("id", "vocab_size", "max_context", "limits", "has_tokenizer", "bos_token_id", "eos_token_id")
