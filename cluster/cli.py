@@ -108,6 +108,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
         "config": config.to_hf(),
         "params": param_counts(config, tensors),
         "kv_bytes_per_token": kv_bytes_per_token(config, args.dtype),
+        "resident_weight_bytes": resident_weight_bytes(config, tensors),
         "checkpoint": {
             "files": len({t.file for t in tensors.values()}),
             "bytes": sum(t.nbytes for t in tensors.values()),
@@ -147,6 +148,22 @@ def param_counts(config: ModelConfig, tensors: dict[str, TensorInfo]) -> dict[st
     return counts
 
 
+def resident_weight_bytes(config: ModelConfig, tensors: dict[str, TensorInfo]) -> dict[str, int]:
+    """Bytes the main model's weights (MTP excluded) take once loaded: in float32, in bfloat16, and as
+    stored (``checkpoint``: FP8 weights kept resident stay FP8 with their fp32 block scales; the MoE
+    gate's correction bias is float32 in every case)."""
+    out = {"float32": 0, "bfloat16": 0, "checkpoint": 0}
+    for name, info in tensors.items():
+        internal = hf_to_internal(name, config.num_hidden_layers) or name
+        if internal.startswith("mtp."):
+            continue
+        out["checkpoint"] += info.nbytes
+        if not name.endswith(SCALE_SUFFIX):
+            out["float32"] += info.numel * 4
+            out["bfloat16"] += info.numel * 2
+    return out
+
+
 def kv_bytes_per_token(config: ModelConfig, dtype: str) -> dict[str, Any]:
     """Cache bytes per token over the decoder layers (MTP excluded) for a KV ``dtype``.
 
@@ -176,6 +193,9 @@ def _print_info(report: dict[str, Any]) -> None:
         print(f"  {key:<28} {value}")
     print("parameters")
     for key, value in report["params"].items():
+        print(f"  {key:<28} {value:>16,}")
+    print("resident weight bytes")
+    for key, value in report["resident_weight_bytes"].items():
         print(f"  {key:<28} {value:>16,}")
     kv = report["kv_bytes_per_token"]
     print(f"KV cache bytes per token ({kv['dtype']})")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.cli_args import positive_float
+from cluster.cli_args import device_arg
 from cluster.cli_serve import _user_errors
 from cluster.cli_tls import add_client_tls_args, add_server_tls_args, client_tls, server_tls
 from workers.engine.types import WorkerStats
@@ -36,6 +37,8 @@ def register(commands: Any) -> None:
     serve.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else start one)")
     serve.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                        help="weight dtype of the replicas, resolved on each one's machine (default: the config's)")
+    serve.add_argument("--device", type=device_arg, default=None,
+                       help="auto, cpu, cuda or cuda:N for every replica, resolved on each (default: the config's)")
     serve.set_defaults(func=cmd_serve)
 
     status = commands.add_parser("status", help="workers' load, KV blocks and KV transfer counters")
@@ -64,6 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise OSError(str(e)) from None  # reported as one line, exit 2
     if args.dtype is not None:
         config = config.model_copy(update={"dtype": args.dtype})
+    if args.device is not None:
+        config = config.model_copy(update={"device": args.device})
     from cluster import app
 
     address = args.address or os.environ.get("RAY_ADDRESS") or None

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cluster.cli_args import id_list, port, positive_int
+from cluster.cli_args import device_arg, id_list, port, positive_int
 from cluster.cli_tls import add_client_tls_args, add_server_tls_args, client_tls, server_tls
 from router.backend import AdmissionError, BackendUnavailable
 from workers.engine.types import RequestError
@@ -120,8 +120,8 @@ async def _serve(args: argparse.Namespace) -> int:
     engine_config = EngineConfig(**({"max_queue": args.max_queue} if args.max_queue else {}))
     tls = server_tls(args)  # before the model loads: a bad TLS file fails at once
     dtype = _dtype(args)
-    with LocalBackend.start(args.model, dtype=dtype, num_threads=_engine_threads(), engine_config=engine_config,
-                            limits=limits) as backend:
+    with LocalBackend.start(args.model, dtype=dtype, device=_device(args), num_threads=_engine_threads(),
+                            engine_config=engine_config, limits=limits, fp8_weights=args.fp8_weights) as backend:
         tokenizer = Tokenizer.load(backend.model_dir)
         server = await start_server(backend, tokenizer, args.host, args.port, tls=tls)
         stop = asyncio.Event()
@@ -131,7 +131,7 @@ async def _serve(args: argparse.Namespace) -> int:
         info = backend.info()
         print(
             f"dsaserve: ready on {args.host}:{server_port(server)}{_tls_note(tls)} "
-            f"(model {info.model_id} in {dtype_name(dtype)}, "
+            f"(model {info.model_id} in {dtype_name(dtype)} on {backend.device}, "
             f"{'text and token ids' if tokenizer else 'token ids only'}; Ctrl-C stops)",
             flush=True,
         )
@@ -156,6 +156,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     req = _request_from_args(args)
     dtype = _dtype(args)
+    if args.ep_size > 1 and args.fp8_weights != "resident":
+        raise RequestError("fp8_weights", "--ep-size loads FP8 weights resident; "
+                                          "--fp8-weights dequantize needs --ep-size 1")
     if args.ep_size > 1:
         from cluster.ep import EPLocalBackend
         from workers.parallel import ExpertParallelError, PlacementError
@@ -166,7 +169,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"dsaserve: error: --ep-size {args.ep_size}: {e}", file=sys.stderr)
             return 2
     else:
-        backend = LocalBackend.start(args.model, dtype=dtype, num_threads=_engine_threads())
+        backend = LocalBackend.start(args.model, dtype=dtype, device=_device(args), num_threads=_engine_threads(),
+                                     fp8_weights=args.fp8_weights)
     with backend:
         frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
         completion = asyncio.run(frontend.complete(req))
@@ -217,7 +221,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from router.tokenizer import Tokenizer
 
     job = BatchJob.open(args.input, args.output)  # reads and checks the files before loading a model
-    with LocalBackend.start(args.model, dtype=_dtype(args), num_threads=_engine_threads()) as backend:
+    with LocalBackend.start(args.model, dtype=_dtype(args), device=_device(args),
+                            num_threads=_engine_threads(), fp8_weights=args.fp8_weights) as backend:
         frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
         summary = asyncio.run(job.run(frontend, concurrency=args.concurrency))
     print(
@@ -249,15 +254,35 @@ def _add_model_arg(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dtype", choices=DTYPE_CHOICES, default="auto",
-        help="weight dtype; auto = bfloat16 on a CPU with AVX-512-BF16 or AMX, float32 otherwise (default: auto)",
+        help="weight dtype; auto = bfloat16 on a GPU or a CPU with AVX-512-BF16 or AMX, float32 otherwise "
+             "(default: auto)",
+    )
+    parser.add_argument(
+        "--device", type=device_arg, default="auto",
+        help="auto, cpu, cuda or cuda:N; auto = the first CUDA device, else the CPU (default: auto)",
+    )
+    parser.add_argument(
+        "--fp8-weights", choices=("resident", "dequantize"), default="resident",
+        help="an FP8 checkpoint's weights: keep them FP8 in memory, dequantized at use (resident), or "
+             "expand them into --dtype at load (dequantize); other checkpoints are unaffected (default: resident)",
     )
 
 
+def _device(args: argparse.Namespace) -> Any:
+    """The torch device ``--device`` names (RequestError naming ``device`` when it is absent here)."""
+    from workers.model.device import resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except ValueError as e:
+        raise RequestError("device", str(e)) from None
+
+
 def _dtype(args: argparse.Namespace) -> Any:
-    """The torch dtype ``--dtype`` names on this machine (the model is loaded on the CPU)."""
+    """The torch dtype ``--dtype`` names on the device ``--device`` names."""
     from workers.model.device import resolve_dtype
 
-    return resolve_dtype(args.dtype)
+    return resolve_dtype(args.dtype, _device(args))
 
 
 def _add_request_args(parser: argparse.ArgumentParser) -> None:

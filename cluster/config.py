@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from router.tls import TLSFrontConfig
 from workers.engine.config import EngineConfig
@@ -40,6 +40,14 @@ class WorkerGroupConfig(_Strict):
                                        "predecessor's blocks (kvstore/disk_slot.py); none: off")
     disk_cache_blocks: int = Field(0, ge=0, description="most KV blocks kept on disk per replica (files left by a previous "
                                    "replica in its folder count)")
+    kv_memory_bytes: int | None = Field(None, ge=1, description="KV pool from a byte budget instead of num_blocks")
+    kv_memory_fraction: float | None = Field(None, gt=0, le=1, description="KV pool from the memory the weights leave of this share of the device (as vLLM's gpu_memory_utilization); instead of num_blocks")
+
+    @model_validator(mode="after")
+    def _one_kv_budget(self) -> "WorkerGroupConfig":
+        if self.kv_memory_bytes is not None and self.kv_memory_fraction is not None:
+            raise ValueError("set kv_memory_bytes or kv_memory_fraction, not both")
+        return self
 
     def engine(self, *, block_size: int, max_model_len: int | None, max_queue: int, lease_s: float) -> EngineConfig:
         return EngineConfig(
@@ -47,6 +55,7 @@ class WorkerGroupConfig(_Strict):
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=max_model_len,
             max_queue=max_queue, lease_s=lease_s, host_cache_blocks=self.host_cache_blocks,
             disk_cache_dir=self.disk_cache_dir, disk_cache_blocks=self.disk_cache_blocks,
+            kv_memory_bytes=self.kv_memory_bytes, kv_memory_fraction=self.kv_memory_fraction,
         )
 
 
@@ -114,6 +123,8 @@ class ClusterConfig(_Strict):
     max_model_len: int | None = Field(None, ge=2, description="cap on prompt + output tokens (none: the model's)")
     lease_s: float = Field(30.0, gt=0, description="how long prefill holds handed-off blocks for a decode worker")
     transfer_timeout_s: float = Field(30.0, gt=0, description="a KV read slower than this fails and falls back")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="where replicas put weights "
+                        "and KV: auto = the GPU Ray assigned the replica (num_gpus > 0), else its CPU; cpu; cuda[:N]")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="weight dtype of prefill and decode replicas; auto: bfloat16 where the replica's machine "
         "computes it natively (a GPU, a CPU with AVX-512-BF16 or AMX), float32 otherwise (workers/model/device.py)")

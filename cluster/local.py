@@ -95,18 +95,23 @@ class LocalBackend:
     def __init__(self, model_dir: Path, engine_config: EngineConfig, *, disaggregate: bool = True,
                  dtype: torch.dtype = torch.float32, routing: RoutingConfig | None = None,
                  model: DeepseekV32 | None = None, num_threads: int | None = None,
-                 limits: RequestLimits | None = None) -> None:
+                 limits: RequestLimits | None = None, device: torch.device | str = "cpu",
+                 fp8_weights: str = "resident") -> None:
         """``dtype``: the weights' dtype (``workers.model.device.resolve_dtype`` turns a ``--dtype``
         setting into one). ``routing``: the cluster's policy settings; None always disaggregates (local
         mode exists to run that path). ``model``: an already built model to serve (e.g. rank 0 of an
         expert-parallel group); None loads ``model_dir``. ``num_threads``: intra-op threads of the engine
         thread (``workers.host.prepare_serving_process`` returns the count to pass). ``limits``: request
-        limits (None: the defaults)."""
+        limits (None: the defaults). ``device``: where the weights and the KV cache live
+        (``workers.model.device.resolve_device``). ``fp8_weights``: ``load_model``'s option for an FP8
+        checkpoint (``"resident"`` or ``"dequantize"``)."""
         self.model_dir = model_dir
         self.engine_config = engine_config
         model_id = model_dir.name
         self.transfer = LocalTransfer()
-        decode_model = model if model is not None else load_model(model_dir, dtype=dtype)
+        decode_model = model if model is not None else load_model(
+            model_dir, dtype=dtype, device=device, fp8_weights=fp8_weights)
+        self.device = decode_model.embed.weight.device
         self.decode_engine = Engine(decode_model, engine_config, role="decode" if disaggregate else "both",
                                     worker_id="decode-0", model_id=model_id, transfer=self.transfer)
         engines = [self.decode_engine]
@@ -140,10 +145,11 @@ class LocalBackend:
     def start(cls, model_dir: str | Path | None = None, *, engine_config: EngineConfig | None = None,
               disaggregate: bool = True, routing: RoutingConfig | None = None,
               dtype: torch.dtype = torch.float32, num_threads: int | None = None,
-              limits: RequestLimits | None = None) -> "LocalBackend":
+              limits: RequestLimits | None = None, device: torch.device | str = "cpu",
+              fp8_weights: str = "resident") -> "LocalBackend":
         path = Path(model_dir) if model_dir is not None else default_model_dir()
         return cls(path, engine_config or EngineConfig(), disaggregate=disaggregate, routing=routing, dtype=dtype,
-                   num_threads=num_threads, limits=limits)
+                   num_threads=num_threads, limits=limits, device=device, fp8_weights=fp8_weights)
 
     def __enter__(self) -> "LocalBackend":
         return self

@@ -26,7 +26,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerError, WorkerStats
 from workers.model.checkpoint import load_model
-from workers.model.device import dtype_name, resolve_dtype
+from workers.model.device import dtype_name, resolve_device, resolve_dtype
 from workers.host import prepare_serving_process
 from workers.worker import EngineLoop, EngineWorker
 
@@ -72,12 +72,14 @@ class _EngineServer:
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, transfer: str, torch_threads: int = 1,
                  transfer_timeout_s: float = 30.0, index: dict | None = None, ep: dict | None = None,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", device: str = "cpu") -> None:
         """``ep``: ``{"ep_size", "timeout_s", "num_cpus", "num_gpus", "resources"}`` when a replica spans
         expert-parallel ranks (``cluster.ep.RayEPGroup``); None or ep_size 1: one process.
-        ``dtype``: ``ClusterConfig.dtype``, resolved here, on the machine the replica runs on."""
+        ``dtype``/``device``: ``ClusterConfig.dtype``/``device``, resolved here, on the machine the replica
+        runs on (Ray makes the GPU it assigned the replica this process's ``cuda:0``)."""
         engine_threads = prepare_serving_process(torch_threads)  # this thread keeps one (workers.host)
-        self.dtype = resolve_dtype(dtype)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.ep_group = None
         self.worker_id = _replica_id(self.role)
         self.disk_slot = None
@@ -102,7 +104,7 @@ class _EngineServer:
                                        dtype=dtype_name(self.dtype), torch_threads=torch_threads).start()
             model = self.ep_group.model
         else:
-            model = load_model(model_dir, dtype=self.dtype)
+            model = load_model(model_dir, dtype=self.dtype, device=self.device)
         self.engine = Engine(model, engine_config, role=self.role, worker_id=self.worker_id, model_id=model_id,
                              **events, **self._transfer_args(transfer, transfer_timeout_s))
         if self.publisher is not None:

@@ -233,7 +233,8 @@ def _worker_to_proto(w: WorkerStats) -> pb.WorkerStatus:
     return pb.WorkerStatus(
         id=w.worker_id, role=w.role, requests_total=w.requests_total, running=w.running, waiting=w.waiting,
         free_blocks=w.free_blocks, total_blocks=w.total_blocks, tokens_per_s=w.tokens_per_s, healthy=w.healthy,
-        indexed=bool(w.indexed), queued_tokens=w.queued_tokens,
+        indexed=bool(w.indexed), queued_tokens=w.queued_tokens, weight_bytes=w.weight_bytes,
+        kv_bytes_per_token=w.kv_bytes_per_token,
         kv_transfer=pb.KVTransferStats(backend=kv.backend, bytes=kv.bytes, transfers=kv.transfers, failures=kv.failures),
     )
 
@@ -245,4 +246,5 @@ def _worker_from_proto(w: pb.WorkerStatus) -> WorkerStats:
         total_blocks=w.total_blocks, tokens_per_s=w.tokens_per_s, requests_total=w.requests_total,
         queued_tokens=w.queued_tokens, healthy=w.healthy, indexed=w.indexed,
         kv_transfer=TransferStats(kv.backend, kv.bytes, kv.transfers, kv.failures),
+        weight_bytes=w.weight_bytes, kv_bytes_per_token=w.kv_bytes_per_token,
     )

@@ -15,13 +15,14 @@ from workers.engine.types import GenerateRequest, SamplingParams, TransferStats,
 
 # The keys checks and scripts read from ``dsaserve status --json``: never rename or repurpose one.
 WORKER_KEYS = {"id", "role", "requests_total", "running", "waiting", "free_blocks", "total_blocks", "tokens_per_s",
-               "queued_tokens", "kv_transfer", "healthy", "indexed"}
+               "queued_tokens", "kv_transfer", "healthy", "indexed", "weight_bytes", "kv_bytes_per_token"}
 KV_TRANSFER_KEYS = {"backend", "bytes", "transfers", "failures"}
 
 FULL = WorkerStats(
     worker_id="decode-1", role="decode", waiting=2, running=3, free_blocks=40, total_blocks=64, tokens_per_s=12.5,
     requests_total=7, queued_tokens=100, healthy=False, indexed=True,
     kv_transfer=TransferStats("nixl", bytes=4096, transfers=5, failures=1, seconds=0.25),
+    weight_bytes=123456, kv_bytes_per_token=1152.0,
     ep={"ep_size": 2, "rank": 0, "healthy": True, "bytes_sent": 512, "pids": [11, 12]},
 )
 MINIMAL = WorkerStats(worker_id="prefill-0", role="prefill", waiting=0, running=0, free_blocks=8, total_blocks=8)
@@ -33,7 +34,7 @@ def test_to_json_is_the_cli_shape():
         "id": "decode-1", "role": "decode", "requests_total": 7, "running": 3, "waiting": 2, "free_blocks": 40,
         "total_blocks": 64, "tokens_per_s": 12.5, "queued_tokens": 100,
         "kv_transfer": {"backend": "nixl", "bytes": 4096, "transfers": 5, "failures": 1, "seconds": 0.25},
-        "healthy": False, "indexed": True,
+        "healthy": False, "indexed": True, "weight_bytes": 123456, "kv_bytes_per_token": 1152.0,
         "ep": {"ep_size": 2, "rank": 0, "healthy": True, "bytes_sent": 512, "pids": [11, 12]},
     }
     plain = MINIMAL.to_json()  # no EP block, no read timing: those keys are absent, not null

@@ -78,6 +78,10 @@ def test_init_fp8_sharded_from_config_file(tmp_path):
     assert report["params"]["total"] == total  # FP8 scales are not parameters
     # float8: c_kv 64 e4m3 bytes + one fp32 scale + k_pe 16 bf16 values; indexer 32 FP8 bytes + fp32 scale
     assert report["kv_bytes_per_token"] == {"dtype": "float8", "latent": 3 * 100, "indexer": 3 * 36, "total": 408}
+    weights = report["resident_weight_bytes"]  # MTP excluded; FP8 resident ≈ 1 byte per weight + scales
+    main = report["params"]["main"]
+    assert (weights["float32"], weights["bfloat16"]) == (4 * main, 2 * main)
+    assert main <= weights["checkpoint"] < 1.6 * main
 
 
 def test_info_human_readable(tiny_dir):

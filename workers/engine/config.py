@@ -30,6 +30,9 @@ class EngineConfig:
     host_cache_blocks: int = 0  # context cache: evicted blocks kept in host memory (0: off)
     disk_cache_dir: str | None = None  # context cache on disk (None: off)
     disk_cache_blocks: int = 0
+    # KV pool from a memory budget instead of num_blocks (workers/engine/kv_budget.py); at most one.
+    kv_memory_bytes: int | None = None
+    kv_memory_fraction: float | None = None
     priority_aging_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -40,5 +43,11 @@ class EngineConfig:
             raise ValueError(f"engine config max_model_len must be ≥ 2, got {self.max_model_len}")
         if not self.priority_aging_s > 0:
             raise ValueError(f"engine config priority_aging_s must be > 0, got {self.priority_aging_s}")
+        if self.kv_memory_bytes is not None and self.kv_memory_fraction is not None:
+            raise ValueError("engine config: set kv_memory_bytes or kv_memory_fraction, not both")
+        if self.kv_memory_bytes is not None and self.kv_memory_bytes < 1:
+            raise ValueError(f"engine config kv_memory_bytes must be ≥ 1, got {self.kv_memory_bytes}")
+        if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction <= 1:
+            raise ValueError(f"engine config kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.lease_s <= 0:
             raise ValueError(f"engine config lease_s must be > 0, got {self.lease_s}")

@@ -33,6 +33,7 @@ from kvstore.transfer import KVHolder, KVTransfer, TransferError
 from workers.model.model import DeepseekV32
 from workers.parallel.group import ExpertParallelError
 
+from . import kv_budget
 from .config import EngineConfig, Role
 from .kv_manager import KVCacheManager
 from .leases import KVImport, KVImporter, LeaseTable
@@ -84,8 +85,9 @@ class Engine:
             latent_dtype=dtype, index_dim=mc.index_head_dim,
             index_dtype=torch.float8_e4m3fn if mode == "fp8" else torch.float32,
         )
-        self.kv = KVCacheManager(layout, config, model.embed.weight.device,
-                                 on_block_event=on_block_event, on_tier_event=on_tier_event)
+        self.config = config = kv_budget.fit(config, layout, model.embed.weight.device)
+        self.kv = KVCacheManager(layout, config, model.embed.weight.device, on_block_event=on_block_event,
+                                 on_tier_event=on_tier_event)
         self.scheduler = Scheduler(config, self.kv.pool, restore=self.kv.restore)
         self.runner = ModelRunner(model, self.kv.storage)
         self.outputs = OutputProcessor(mc.eos_token_id, self.max_model_len)
@@ -197,6 +199,7 @@ class Engine:
             running=len(self.scheduler.running), free_blocks=self.kv.pool.num_free,
             total_blocks=self.config.num_blocks, tokens_per_s=round(self._tokens_done / elapsed, 2),
             requests_total=self.requests_total, queued_tokens=self.queued_prefill_tokens(), kv_transfer=kv,
+            weight_bytes=self.runner.weight_bytes, kv_bytes_per_token=self.kv.layout.bytes_per_token,
         )
 
     def queued_prefill_tokens(self) -> int:
@@ -359,7 +362,8 @@ class Engine:
     def _new_sequence(self, request: GenerateRequest, token_ids: list[int]) -> Sequence:
         return Sequence(
             request=request, token_ids=token_ids, prompt_len=len(request.prompt_token_ids),
-            extra=first_block_extra(self.model_id, request.cache_salt), generator=make_generator(request.params),
+            extra=first_block_extra(self.model_id, request.cache_salt),
+            generator=make_generator(request.params, self.runner.device),
         )
 
     def _capacity_error(self, prompt_len: int, max_tokens: int) -> str | None:

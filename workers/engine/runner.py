@@ -26,6 +26,8 @@ class ModelRunner:
         self.model = model
         self.storage = storage
         self.device = model.embed.weight.device
+        # Resident weight bytes (parameters and buffers, whatever their dtype: FP8 weights count as FP8).
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
     @torch.inference_mode()
     def run(self, work: Seq[tuple[Sequence, int]], num_decodes: int, sampled: Seq[bool]) -> torch.Tensor:

@@ -18,11 +18,12 @@ from .types import SamplingParams, TokenLogprob
 MIN_TEMPERATURE = 1e-5
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
-    """A per-request generator when the request has a seed (same seed → same tokens)."""
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A per-request generator on the logits' ``device`` when the request has a seed (same seed → same
+    tokens on the same device)."""
     if params.seed is None:
         return None
-    g = torch.Generator()
+    g = torch.Generator(device=device)
     g.manual_seed(params.seed)
     return g
 

@@ -149,6 +149,8 @@ class WorkerStats:
     indexed: bool | None = None  # the KV index has its current blocks; None: no index
     kv_transfer: TransferStats = field(default_factory=TransferStats)
     ep: dict | None = None  # expert parallelism (``ExpertParallel.stats`` and the ranks' pids); None: one process
+    weight_bytes: int = 0  # resident bytes of the model's parameters and buffers on this worker
+    kv_bytes_per_token: float = 0.0  # KV cache bytes one token takes (all layers)
 
     def to_json(self) -> dict:
         out = {
@@ -156,6 +158,7 @@ class WorkerStats:
             "waiting": self.waiting, "free_blocks": self.free_blocks, "total_blocks": self.total_blocks,
             "tokens_per_s": self.tokens_per_s, "queued_tokens": self.queued_tokens,
             "kv_transfer": self.kv_transfer.to_json(), "healthy": self.healthy, "indexed": self.indexed,
+            "weight_bytes": self.weight_bytes, "kv_bytes_per_token": self.kv_bytes_per_token,
         }
         if self.ep is not None:
             out["ep"] = self.ep
@@ -168,4 +171,5 @@ class WorkerStats:
             free_blocks=d["free_blocks"], total_blocks=d["total_blocks"], tokens_per_s=d["tokens_per_s"],
             requests_total=d["requests_total"], queued_tokens=d["queued_tokens"], healthy=d["healthy"],
             indexed=d["indexed"], kv_transfer=TransferStats.from_json(d["kv_transfer"]), ep=d.get("ep"),
+            weight_bytes=d.get("weight_bytes", 0), kv_bytes_per_token=d.get("kv_bytes_per_token", 0.0),
         )

@@ -8,6 +8,10 @@ Everything is checked from the safetensors headers before any weight is read, so
 fails fast with a message naming the tensor. Weights are then read one at a time from memory-mapped
 files, dequantized/cast, and assigned into a model built on the meta device: the checkpoint is never
 held twice in RAM.
+
+FP8 weights either stay FP8 (``fp8_weights="resident"``, the default: each FP8 projection becomes an
+``FP8Linear`` holding the e4m3 weight and its block scales, dequantized tile by tile at use) or are
+dequantized into ``dtype`` here (``"dequantize"``: the reference, and what transformers computes).
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors import safe_open
 
 from workers.model.config import ModelConfig
-from workers.model.fp8 import dequantize_weight, scale_shape
+from workers.model.fp8 import FP8Linear, dequantize_weight, scale_shape
 from workers.model.names import SCALE_SUFFIX, hf_to_internal, internal_to_hf, routed_expert_of, scale_name
 from workers.model.shards import FP8_DTYPE_NAME, CheckpointError, TensorInfo, checkpoint_tensors
 
@@ -35,6 +39,8 @@ DEFAULT_BLOCK = (128, 128)
 PROGRESS_THRESHOLD_BYTES = 2**30
 # Routing is decided by a sum with this bias; bf16 rounding would change which experts win.
 FP32_INTERNAL_SUFFIXES = ("ffn.gate.bias",)
+FP8Weights = Literal["resident", "dequantize"]
+FP8_WEIGHTS = ("resident", "dequantize")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ def load_model(
     progress: bool | None = None,
     indexer: str | None = None,
     experts: Callable[[int, int], bool] | None = None,
+    fp8_weights: FP8Weights = "resident",
 ) -> "DeepseekV32":
     """Build ``DeepseekV32`` from a checkpoint folder.
 
@@ -70,6 +77,11 @@ def load_model(
             share, ``ExpertPlacement.holds(rank)``); None = all. The others are never read: their
             slots hold ``AbsentExpert`` placeholders. Their headers are still checked (MTP layer j is
             layer ``num_hidden_layers + j``).
+        fp8_weights: what happens to the checkpoint's FP8 weights (others load as ``dtype`` either
+            way). ``"resident"``: they stay float8_e4m3fn with their float32 block scales, as
+            ``FP8Linear`` modules computing in the activations' dtype (``dtype``), so the model holds
+            about the checkpoint's bytes. ``"dequantize"``: expanded into ``dtype`` at load (plain
+            ``nn.Linear``; the reference path).
 
     Raises:
         ConfigError: ``config.json`` missing or invalid (names the key).
@@ -81,6 +93,8 @@ def load_model(
 
     if not dtype.is_floating_point or dtype.itemsize < 2:
         raise ValueError(f"dtype must be a 16/32/64-bit float dtype, got {dtype}")
+    if fp8_weights not in FP8_WEIGHTS:
+        raise ValueError(f"fp8_weights must be one of {FP8_WEIGHTS}, got {fp8_weights!r}")
     root = Path(path)
     config = ModelConfig.from_hf(root)
     if load_mtp and config.num_nextn_predict_layers == 0:
@@ -103,6 +117,9 @@ def load_model(
             block_module.ffn.experts[e] = AbsentExpert(layer, e)
 
     block = _block(config)
+    resident = fp8_weights == "resident"
+    if resident:
+        _fp8_modules(model, [p.internal for p in plan if p.scale is not None], block)
     total_bytes = sum(p.weight.nbytes + (p.scale.nbytes if p.scale else 0) for p in plan)
     show = total_bytes > PROGRESS_THRESHOLD_BYTES if progress is None else progress
     state: dict[str, torch.Tensor] = {}
@@ -117,6 +134,11 @@ def load_model(
         for item in plan:
             target = torch.float32 if item.internal.endswith(FP32_INTERNAL_SUFFIXES) else dtype
             weight = read(item.weight).to(device)
+            if item.scale is not None and resident:
+                state[item.internal] = weight
+                state[item.internal + "_scale_inv"] = read(item.scale).to(device, torch.float32)
+                bar.update()
+                continue
             if item.scale is not None:
                 weight = dequantize_weight(weight, read(item.scale).to(device), block, target)
             state[item.internal] = weight.to(target)
@@ -124,6 +146,17 @@ def load_model(
     model.load_state_dict(state, strict=True, assign=True)
     model.configure(indexer=indexer or ("exact" if dtype == torch.float32 else "fp8"))
     return model.eval()
+
+
+def _fp8_modules(model: "DeepseekV32", weights: list[str], block: tuple[int, int]) -> None:
+    """Replace the ``nn.Linear`` owning each internal ``….weight`` name by an ``FP8Linear`` (on meta)."""
+    for name in weights:
+        path, _, leaf = name.removesuffix(".weight").rpartition(".")
+        parent = model.get_submodule(path)
+        linear = getattr(parent, leaf)
+        if not isinstance(linear, torch.nn.Linear) or linear.bias is not None:
+            raise CheckpointError(f"FP8 tensor {name!r} does not belong to a bias-free linear layer")
+        setattr(parent, leaf, FP8Linear(linear.in_features, linear.out_features, block, device="meta"))
 
 
 def _plan(

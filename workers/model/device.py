@@ -1,4 +1,5 @@
-"""The weight dtype a model is loaded in: ``--dtype auto|float32|bfloat16`` and ``ClusterConfig.dtype``.
+"""Where and in what dtype a model is loaded: ``--device auto|cpu|cuda[:N]``, ``--dtype
+auto|float32|bfloat16`` and ``ClusterConfig.device``/``ClusterConfig.dtype``.
 
 bfloat16 halves weight memory and bandwidth, but pays off only where matmuls run natively in it: a
 GPU with bf16 units, or a CPU with AVX-512-BF16 or AMX. On an AVX2-only CPU bf16 matmuls are
@@ -10,6 +11,7 @@ answers argument errors without loading torch.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 FAST_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -75,3 +78,36 @@ def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` → ``"bfloat16"``: the setting that names a resolved dtype (the inverse of
     :func:`resolve_dtype` for float32 and bfloat16)."""
     return str(dtype).removeprefix("torch.")
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is a device setting (``auto``, ``cpu``, ``cuda`` or ``cuda:N``).
+
+    Raises:
+        ValueError: naming the field ``device`` and the accepted forms.
+    """
+    if not DEVICE_PATTERN.match(name):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
+    return name
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a ``device`` setting: ``auto`` is the first CUDA device this process sees
+    (a Ray replica sees the GPU Ray assigned it as ``cuda:0``), else the CPU.
+
+    Raises:
+        ValueError: a malformed name, or ``cuda``/``cuda:N`` where this process has no such device.
+    """
+    import torch
+
+    check_device_name(name)
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = device.index or 0
+        if index >= count:
+            raise ValueError(f"device {name!r}: this process sees {count} CUDA device(s)")
+        device = torch.device("cuda", index)
+    return device

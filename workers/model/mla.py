@@ -24,6 +24,7 @@ from torch import nn
 
 from .cache import KVCache, LocalKV
 from .config import ModelConfig
+from .fp8 import dense_weight
 from .indexer import Indexer, IndexKeys
 from .norm import RMSNorm
 from .rope import apply_interleaved
@@ -119,15 +120,15 @@ class MLA(nn.Module):
 
     def absorb(self, q_nope: torch.Tensor) -> torch.Tensor:
         """q_nope [..., H, n] → the query in latent space [..., H, r] (W_UK folded into the query)."""
-        return torch.einsum("...hn,hnr->...hr", q_nope, self._wkv_b()[0])
+        return torch.einsum("...hn,hnr->...hr", q_nope, self._wkv_b(q_nope.dtype)[0])
 
     def unabsorb(self, o: torch.Tensor) -> torch.Tensor:
         """Attention output in latent space [..., H, r] → [..., H, v] (W_UV applied after attention)."""
-        return torch.einsum("...hr,hvr->...hv", o, self._wkv_b()[1])
+        return torch.einsum("...hr,hvr->...hv", o, self._wkv_b(o.dtype)[1])
 
-    def _wkv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, n, r] and W_UV [H, v, r] views of wkv_b."""
-        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
+    def _wkv_b(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, n, r] and W_UV [H, v, r] views of wkv_b (an FP8 wkv_b is dequantized into ``dtype``)."""
+        w = dense_weight(self.wkv_b, dtype).view(self.n_heads, self.nope + self.v_dim, self.rank)
         return w[:, : self.nope], w[:, self.nope :]
 
     def attend_dense(

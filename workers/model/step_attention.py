@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from workers import kernels
+
 from .cache import EMPTY_POSITION
 from .indexer import Indexer, IndexKeys
 from .step import PagedLayers, StepBatch, read_batch_rows, read_rows
@@ -112,6 +114,10 @@ def _prefill_sparse(
     q_pe: torch.Tensor, index_rows: tuple[torch.Tensor, ...],
 ) -> torch.Tensor:
     """Queries at positions ctx-n .. ctx-1 of one sequence whose context exceeds top-k → [n, H, v]."""
+    if kernels.available(q_nope):  # Triton reads the paged cache in place; below is the reference path
+        from workers.kernels import attend
+
+        return attend.prefill_sparse(mla, cache, layer, table, ctx, q_nope, q_pe, index_rows)
     n = q_nope.shape[0]
     lat = read_rows(cache.latent(layer), table, ctx)  # [L, C], read once for all queries
     keys = IndexKeys(read_rows(cache.index_k(layer), table, ctx), read_rows(cache.index_scale(layer), table, ctx))
@@ -164,6 +170,10 @@ def _decode(
     index_inputs: tuple[torch.Tensor, ...],
 ) -> torch.Tensor:
     """One query per sequence (rows and sequences 0 .. d-1), batched → [d, H, v]."""
+    if kernels.available(q_nope):  # Triton reads the paged cache in place; below is the reference path
+        from workers.kernels import attend
+
+        return attend.decode(mla, cache, layer, batch, q_nope, q_pe, index_inputs)
     d = q_nope.shape[0]
     lens = torch.tensor(batch.context_lens[:d], device=q_nope.device)
     t_max = max(batch.context_lens[:d])

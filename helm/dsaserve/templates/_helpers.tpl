@@ -117,6 +117,12 @@ groups. Argument: the kind's values (.Values.prefill or .Values.decode).
 {{- with .disk_cache_dir -}}
 {{- $_ := set $a "disk_cache_dir" . -}}
 {{- end -}}
+{{- if not (kindIs "invalid" .kv_memory_fraction) -}}
+{{- $_ := set $a "kv_memory_fraction" (float64 .kv_memory_fraction) -}}
+{{- end -}}
+{{- if not (kindIs "invalid" .kv_memory_bytes) -}}
+{{- $_ := set $a "kv_memory_bytes" (int64 .kv_memory_bytes) -}}
+{{- end -}}
 {{- /* One unit of the resource its worker group's pods offer: replicas stay on their own group. */ -}}
 {{- $_ := set $a "resources" (dict (printf "dsaserve_%s" .kind) 1.0) -}}
 {{- toYaml $a -}}
@@ -169,7 +175,7 @@ groups. Argument: the kind's values (.Values.prefill or .Values.decode).
       "local_prefill_max_tokens" (int $v.routing.local_prefill_max_tokens) "temperature_s" (float64 $v.routing.temperature_s) -}}
 {{- $args := dict "model" $v.model.path "transfer" $v.transfer "router" $router "routing" $routing
       "block_size" (int $v.block_size) "lease_s" (float64 $v.lease_s) "transfer_timeout_s" (float64 $v.transfer_timeout_s)
-      "dtype" $v.dtype "app_name" $v.app_name
+      "dtype" $v.dtype "device" (default "auto" $v.device) "app_name" $v.app_name
       "prefill" (include "dsaserve.workerArgs" (merge (dict "kind" "prefill") $v.prefill) | fromYaml)
       "decode" (include "dsaserve.workerArgs" (merge (dict "kind" "decode") $v.decode) | fromYaml) -}}
 {{- with (include "dsaserve.redisUrl" .) -}}

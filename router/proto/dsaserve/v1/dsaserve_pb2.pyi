@@ -195,7 +195,7 @@ class KVTransferStats(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., bytes: _Optional[int] = ..., transfers: _Optional[int] = ..., failures: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "role", "requests_total", "running", "waiting", "free_blocks", "total_blocks", "tokens_per_s", "kv_transfer", "healthy", "indexed", "queued_tokens")
+    __slots__ = ("id", "role", "requests_total", "running", "waiting", "free_blocks", "total_blocks", "tokens_per_s", "kv_transfer", "healthy", "indexed", "queued_tokens", "weight_bytes", "kv_bytes_per_token")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,8 @@ class WorkerStatus(_message.Message):
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     requests_total: int
@@ -220,7 +222,9 @@ class WorkerStatus(_message.Message):
     healthy: bool
     indexed: bool
     queued_tokens: int
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., requests_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., healthy: _Optional[bool] = ..., indexed: _Optional[bool] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
+    weight_bytes: int
+    kv_bytes_per_token: float
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., requests_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., healthy: _Optional[bool] = ..., indexed: _Optional[bool] = ..., queued_tokens: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[float] = ...) -> None: ...
 
 class RouterStatus(_message.Message):
     __slots__ = ("requests_total", "in_flight", "errors_total")
