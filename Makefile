@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/dsaserve local --host 127.0.0.1 --port 50051
+	$(BIN)/dsaserve local --host 127.0.0.1 --port 50051 --http-port 8000
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -163,8 +163,10 @@ class _ServeContext:
         raise _Aborted(details)
 
 
+@serve.ingress()
 class RouterServer:
-    """Serve deployment answering ``dsaserve.v1.DsaServe`` (and health) through Serve's gRPC proxy."""
+    """Serve deployment answering ``dsaserve.v1.DsaServe`` (and health) through Serve's gRPC proxy, and
+    the OpenAI-compatible HTTP API (``router.http``) through Serve's HTTP proxy on ``router.http_port``."""
 
     def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, model_dir: str, config: dict) -> None:
         cfg = ClusterConfig.model_validate(config)
@@ -191,6 +193,12 @@ class RouterServer:
                                   DispatchConfig(startup_timeout_s=cfg.router.startup_timeout_s,
                                                  max_attempts=MAX_ATTEMPTS, retry_backoff_s=RETRY_BACKOFF_S))
         self.servicer = DsaServeServicer(Frontend(self.backend, tokenizer))
+
+    def __serve_build_asgi_app__(self):
+        """The HTTP app on this replica's Frontend (Serve calls it after ``__init__``)."""
+        from router.http import build_app
+
+        return build_app(self.servicer.frontend)
 
     async def _stream(self, call, grpc_context) -> AsyncIterator:
         ctx = _ServeContext(grpc_context)

@@ -90,8 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             front = TLSFrontThread(f"{config.router.host}:{config.router.grpc_port}",
                                    f"127.0.0.1:{tls.upstream_port}", tls)
         print(
-            f"dsaserve: cluster ready, gRPC on {config.router.host}:{config.router.grpc_port}{_tls_note(tls)} "
-            f"({len(ready['workers'])} workers, KV transfer {config.transfer}, dtype {config.dtype}; Ctrl-C stops)",
+            f"dsaserve: cluster ready, gRPC on {config.router.host}:{config.router.grpc_port}{_tls_note(tls)}, "
+            f"http on {config.router.host}:{config.router.http_port} ({len(ready['workers'])} workers, KV transfer {config.transfer}, dtype {config.dtype}; Ctrl-C stops)",
             flush=True,
         )
         stop.wait()

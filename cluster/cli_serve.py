@@ -1,7 +1,7 @@
 """Serving subcommands of the ``dsaserve`` CLI (``register`` adds them to its argparse tree).
 
     dsaserve local [--model DIR] [--dtype auto|float32|bfloat16] [--host 127.0.0.1] [--port 50051]
-                   [--tls-cert F --tls-key F [--tls-client-ca F]]
+                   [--http-host HOST] [--http-port 8000 | --no-http] [--tls-cert F --tls-key F [--tls-client-ca F]]
     dsaserve generate [--model DIR] [--dtype ...] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N] [sampling]
                       [--json] [--ep-size N]
     dsaserve client generate [--address HOST:PORT] (--prompt ... | --prompt-ids ...) [sampling] [--json]
@@ -38,10 +38,16 @@ from workers.model.shards import CheckpointError
 
 def register(commands: Any) -> None:
     """Add ``local``, ``generate``, ``client`` and ``batch`` to an ``add_subparsers()`` object."""
-    local = commands.add_parser("local", help="serve the gRPC API from one process (no Ray, no Redis)")
+    local = commands.add_parser(
+        "local", help="serve the gRPC and OpenAI-compatible HTTP APIs from one process (no Ray, no Redis)")
     _add_model_arg(local)
     local.add_argument("--host", default="127.0.0.1")
-    local.add_argument("--port", type=port, default=50051, help="0 picks a free port (default: 50051)")
+    local.add_argument("--port", type=port, default=50051, help="gRPC port; 0 picks a free port (default: 50051)")
+    local.add_argument("--http-host", default=None, help="HTTP (OpenAI API) host (default: --host)")
+    local.add_argument("--http-port", type=port, default=None,
+                       help="HTTP (OpenAI API) port; 0 picks a free port (default: 8000, or a free port when "
+                            "--port is 0)")
+    local.add_argument("--no-http", action="store_true", help="serve gRPC only")
     local.add_argument("--max-queue", type=positive_int, default=None,
                        help="requests in flight before RESOURCE_EXHAUSTED (default: 1024)")
     local.add_argument("--limit", action="append", default=[], metavar="NAME=N",
@@ -120,25 +126,44 @@ async def _serve(args: argparse.Namespace) -> int:
     engine_config = EngineConfig(**({"max_queue": args.max_queue} if args.max_queue else {}))
     tls = server_tls(args)  # before the model loads: a bad TLS file fails at once
     dtype = _dtype(args)
+    if args.no_http and args.http_port is not None:
+        raise RequestError("http_port", "--http-port and --no-http exclude each other")
     with LocalBackend.start(args.model, dtype=dtype, device=_device(args), num_threads=_engine_threads(),
                             engine_config=engine_config, limits=limits, fp8_weights=args.fp8_weights) as backend:
         tokenizer = Tokenizer.load(backend.model_dir)
         server = await start_server(backend, tokenizer, args.host, args.port, tls=tls)
+        try:
+            http = None if args.no_http else await _start_http(args, backend, tokenizer, tls)
+        except BaseException:
+            await server.stop(grace=0)
+            raise
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         info = backend.info()
+        http_note = "" if http is None else f", http on {args.http_host or args.host}:{http.port}"
         print(
-            f"dsaserve: ready on {args.host}:{server_port(server)}{_tls_note(tls)} "
+            f"dsaserve: ready on {args.host}:{server_port(server)}{_tls_note(tls)} (gRPC){http_note} "
             f"(model {info.model_id} in {dtype_name(dtype)} on {backend.device}, "
             f"{'text and token ids' if tokenizer else 'token ids only'}; Ctrl-C stops)",
             flush=True,
         )
         await stop.wait()
         print("dsaserve: shutting down", file=sys.stderr, flush=True)
-        await server.stop(grace=5.0)
+        await asyncio.gather(server.stop(grace=5.0), *([http.stop(grace=5.0)] if http else []))
     return 0
+
+
+async def _start_http(args: argparse.Namespace, backend: Any, tokenizer: Any, tls: Any) -> Any:
+    """The OpenAI-compatible HTTP server beside the gRPC one, on the same loop, backend and TLS files.
+    Without --http-port: 8000, or a free port when --port is 0 (two test servers never collide)."""
+    from router.frontend import Frontend
+    from router.http import build_app, start_http_server
+
+    http_port = args.http_port if args.http_port is not None else (0 if args.port == 0 else 8000)
+    app = build_app(Frontend(backend, tokenizer))
+    return await start_http_server(app, args.http_host or args.host, http_port, tls=tls)
 
 
 def _engine_threads() -> int:

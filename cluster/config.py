@@ -76,7 +76,7 @@ class RouterConfig(_Strict):
     """The gRPC front door."""
 
     grpc_port: int = Field(50051, ge=1, le=65535, description="port of Ray Serve's gRPC proxy serving dsaserve.v1")
-    http_port: int = Field(8000, ge=1, le=65535, description="port of Ray Serve's HTTP proxy (health, dashboard links)")
+    http_port: int = Field(8000, ge=1, le=65535, description="port of Ray Serve's HTTP proxy: the OpenAI-compatible API, /health and /metrics (plaintext)")
     host: str = Field("127.0.0.1", description="address the proxies bind (0.0.0.0 in Kubernetes)")
     max_queue: int = Field(1024, ge=1, description="requests in flight before RESOURCE_EXHAUSTED")
     replicas: int = Field(1, ge=1, description="router replicas")

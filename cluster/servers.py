@@ -145,6 +145,8 @@ class _EngineServer:
             raise RuntimeError(error)
 
     def __del__(self) -> None:
+        if not hasattr(self, "_stop"):  # __init__ failed before the loop started: nothing to stop
+            return
         self._stop.set()
         self.loop.stop(timeout=1.0)
         if self.publisher is not None:

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from router.backend import AdmissionError, BackendUnavailable, ModelInfo
 from router.disagg import DecodeWorker, PrefillWorker, continue_request, generate_disaggregated
+from router.metrics import RouterMetrics
 from router.routing import CacheAwareRouting
 from workers.engine.types import GenerateRequest, RequestOutput, WorkerStats
 
@@ -92,6 +93,7 @@ class Dispatcher:
         self.errors_total = 0
         self.rejected_total = 0  # RESOURCE_EXHAUSTED answers
         self.routes: dict[str, int] = {}  # decisions by reason
+        self.metrics = RouterMetrics(info.model_id, self.stats)  # ``router.metrics.render`` reads it
         self._ready_once = False
 
     def info(self) -> ModelInfo:
@@ -122,6 +124,7 @@ class Dispatcher:
             await self._until_ready()
             sent: list[int] = []
             ttft: float | None = None
+            queued = False  # the queue time is observed
             for attempt in range(self.config.max_attempts):
                 if not sent:
                     stream = self._route(req)
@@ -132,6 +135,9 @@ class Dispatcher:
                         async for out in outs:
                             sent.extend(out.new_token_ids)
                             ttft = out.ttft_s if ttft is None else ttft
+                            if out.queue_s is not None and not queued:
+                                queued = True
+                                self.metrics.queue.observe(out.queue_s)
                             if out.finish_reason == "error":
                                 self.errors_total += 1
                             yield out

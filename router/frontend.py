@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
@@ -19,13 +20,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.backend import Backend, ModelInfo
+from router.metrics import metrics_for
+from router.chat import ChatMessage, parse_messages, render_chat
 from router.tokenizer import Tokenizer
 from workers.engine.types import GenerateRequest, RequestError, SamplingParams, TokenLogprob, Usage
 
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    """A request as a client states it: exactly one of ``prompt`` (text) or ``prompt_ids``."""
+    """A request as a client states it: exactly one of ``prompt`` (text), ``prompt_ids`` or ``messages``
+    (a chat, rendered by ``router.chat.render_chat``; ``thinking`` applies to it alone)."""
 
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
@@ -34,10 +38,13 @@ class CompletionRequest:
     cache_salt: str | None = None
     priority: int = 0
     tenant: str | None = None  # set by the server from the caller's credentials, never by a client
+    messages: tuple[ChatMessage, ...] | None = None
+    thinking: bool = False  # a chat's reply opens with <think> rather than </think>
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> CompletionRequest:
-        """A request from a JSON object (a batch line, a client's dict): ``prompt`` or ``prompt_ids``,
+        """A request from a JSON object (a batch line, a client's dict): ``prompt``, ``prompt_ids`` or
+        ``messages`` (OpenAI-style, see ``router.chat.parse_messages``) with ``thinking``,
         the ``SamplingParams`` fields, ``id``/``request_id``, ``cache_salt``, ``priority``.
 
         Checks types only (values are the Frontend's to judge). Raises RequestError naming the key.
@@ -60,6 +67,8 @@ class CompletionRequest:
             request_id=None if rid is None else str(rid),
             cache_salt=d.get("cache_salt"),
             priority=d.get("priority") or 0,
+            messages=parse_messages(d["messages"]) if d.get("messages") is not None else None,
+            thinking=bool(d.get("thinking")),
         )
 
 
@@ -151,6 +160,7 @@ class Frontend:
         self.tokenizer = tokenizer
         self.info: ModelInfo = backend.info()
         self._in_flight: set[str] = set()
+        self.metrics = metrics_for(backend)  # the backend's registry: requests of every Frontend on it
 
     def tokenize(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; RequestError("text") when the model has no tokenizer or the text is
@@ -177,7 +187,8 @@ class Frontend:
     async def prepare_async(self, req: CompletionRequest) -> GenerateRequest:
         """``prepare`` with a text prompt tokenized off the event loop, after every cheap check."""
         self.check_limits(req)
-        if req.prompt is not None and req.prompt_ids is None and self.tokenizer is not None:
+        has_text = req.prompt is not None or req.messages is not None
+        if has_text and req.prompt_ids is None and self.tokenizer is not None:
             return self._finish_prepare(req, await asyncio.to_thread(self._prompt_ids, req))
         return self._finish_prepare(req, self._prompt_ids(req))
 
@@ -229,14 +240,18 @@ class Frontend:
         Raises (before the first delta) RequestError, and whatever the backend raises on admission
         (``AdmissionError``, ``BackendUnavailable``). Closing this iterator early aborts the request.
         """
+        arrived = time.monotonic()
         greq = await self.prepare_async(req)
         client_id = req.request_id or greq.request_id
         self._in_flight.add(client_id)
+        observed = self.metrics.request(arrived)
         try:
             async with aclosing(self._run(greq, client_id)) as deltas:
                 async for delta in deltas:
+                    observed.delta(delta)
                     yield delta
         finally:
+            observed.close()
             self._in_flight.discard(client_id)
 
     async def complete(self, req: CompletionRequest) -> Completion:
@@ -299,6 +314,14 @@ class Frontend:
         """The prompt's token ids and the name of the field they came from."""
         if req.prompt is not None and req.prompt_ids is not None:
             raise RequestError("prompt", "give either a text prompt or prompt_ids, not both")
+        if req.messages is not None:
+            if req.prompt is not None or req.prompt_ids is not None:
+                raise RequestError("messages", "give either messages or a prompt, not both")
+            tokenizer = self._require_tokenizer("messages")
+            text = render_chat(req.messages, thinking=req.thinking)
+            _check_len("messages", len(text), self.info.limits.max_prompt_chars, "characters (rendered chat)")
+            # The rendered chat starts with BOS as text: it is the one BOS (router.chat).
+            return tuple(tokenizer.encode(text, add_bos=False)), "messages"
         if req.prompt_ids is not None:
             ids = tuple(req.prompt_ids)
             if not ids:
@@ -339,8 +362,9 @@ _JSON_TYPES = {
     "logprobs": "an integer",
     "cache_salt": "a string",
     "priority": "an integer",
+    "thinking": "a boolean",
 }
-_JSON_FIELDS = frozenset(_JSON_TYPES) | {"id", "request_id"}
+_JSON_FIELDS = frozenset(_JSON_TYPES) | {"id", "request_id", "messages"}  # messages: router.chat
 
 
 def _is(value: Any, kind: str) -> bool:

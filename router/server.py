@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from router import wire
 from router.backend import AdmissionError, Backend, BackendUnavailable
+from router.chat import render_chat
 from router.frontend import Completion, CompletionRequest, Frontend
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
 from router.proto.dsaserve.v1 import dsaserve_pb2_grpc as pb_grpc
@@ -160,10 +161,25 @@ class DsaServeServicer(pb_grpc.DsaServeServicer):
         await self._authorize(context)
         add_bos = request.add_bos if request.HasField("add_bos") else None
         try:
-            ids = await self.frontend.tokenize_async(request.text, add_bos=add_bos)
+            if request.HasField("messages"):
+                ids = await self._tokenize_chat(request)
+            else:
+                ids = await self.frontend.tokenize_async(request.text, add_bos=add_bos)
         except RequestError as exc:
             await _abort(context, to_call_error(exc).info)
         return pb.TokenizeResponse(token_ids=ids)
+
+    async def _tokenize_chat(self, request: pb.TokenizeRequest) -> list[int]:
+        """The ids Generate would give the same chat: rendered (BOS included as text), then encoded
+        with no added BOS. Errors name "messages"."""
+        if request.text:
+            raise RequestError("messages", "give either text or messages, not both")
+        messages, thinking = wire.chat_from_proto(request.messages)
+        text = render_chat(messages, thinking=thinking)
+        try:
+            return await self.frontend.tokenize_async(text, add_bos=False)
+        except RequestError as exc:
+            raise RequestError("messages", str(exc).removeprefix(f"{exc.field}: ")) from None
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from router.backend import ModelInfo
+from router.chat import ChatMessage
 from router.frontend import Completion, CompletionRequest, Delta
 from router.limits import RequestLimits
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
@@ -67,6 +68,8 @@ def request_to_proto(req: CompletionRequest, *, stream: bool = False) -> pb.Gene
         msg.prompt_ids.ids.extend(req.prompt_ids)
     elif req.prompt is not None:
         msg.text = req.prompt
+    elif req.messages is not None:
+        msg.messages.CopyFrom(chat_to_proto(req.messages, thinking=req.thinking))
     if p.seed is not None:
         msg.seed = p.seed
     if p.logprobs is not None:
@@ -88,6 +91,7 @@ def request_from_proto(msg: pb.GenerateRequest) -> CompletionRequest:
         **kwargs,
     )
     which = msg.WhichOneof("prompt")
+    messages, thinking = chat_from_proto(msg.messages) if which == "messages" else (None, False)
     return CompletionRequest(
         prompt=msg.text if which == "text" else None,
         prompt_ids=tuple(msg.prompt_ids.ids) if which == "prompt_ids" else None,
@@ -95,7 +99,33 @@ def request_from_proto(msg: pb.GenerateRequest) -> CompletionRequest:
         request_id=msg.request_id or None,
         cache_salt=msg.cache_salt or None,
         priority=msg.priority,
+        messages=messages,
+        thinking=thinking,
     )
+
+
+def chat_to_proto(messages: tuple[ChatMessage, ...], *, thinking: bool = False) -> pb.ChatMessages:
+    return pb.ChatMessages(
+        messages=[pb.ChatMessage(role=m.role, content=m.content) for m in messages], thinking=thinking
+    )
+
+
+def chat_from_proto(msg: pb.ChatMessages) -> tuple[tuple[ChatMessage, ...], bool]:
+    """(messages, thinking), unchecked: roles are validated where the chat is rendered."""
+    return tuple(ChatMessage(m.role, m.content) for m in msg.messages), msg.thinking
+
+
+def tokenize_request_to_proto(
+    text: str = "", *, add_bos: bool | None = None, messages: tuple[ChatMessage, ...] | None = None,
+    thinking: bool = False,
+) -> pb.TokenizeRequest:
+    """A Tokenize call for ``text`` or, when given, the rendered chat ``messages``."""
+    msg = pb.TokenizeRequest(text=text)
+    if add_bos is not None:
+        msg.add_bos = add_bos
+    if messages is not None:
+        msg.messages.CopyFrom(chat_to_proto(messages, thinking=thinking))
+    return msg
 
 
 # ---- responses ------------------------------------------------------------------------------

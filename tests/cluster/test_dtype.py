@@ -55,7 +55,8 @@ def test_a_replica_loads_the_model_in_the_dtype_its_machine_resolves(monkeypatch
     class Loaded(Exception):
         """Stops the replica right after the load (the rest needs a running Ray)."""
 
-    def load_model(path, *, dtype):
+    def load_model(path, *, dtype, device):
+        assert device == torch.device("cpu")  # device "auto" on a machine without CUDA
         seen.append(dtype)
         raise Loaded
 

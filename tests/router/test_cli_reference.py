@@ -51,7 +51,7 @@ def test_generate_and_local_server_match_reference(ckpt, request, tmp_path):
         port = s.getsockname()[1]
     log = (tmp_path / "local.log").open("w+")
     server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "local", "--model", str(path), "--dtype", "float32",
-                               "--port", str(port)],
+                               "--port", str(port), "--http-port", "0"],
                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 120

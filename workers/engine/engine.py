@@ -200,6 +200,7 @@ class Engine:
             total_blocks=self.config.num_blocks, tokens_per_s=round(self._tokens_done / elapsed, 2),
             requests_total=self.requests_total, queued_tokens=self.queued_prefill_tokens(), kv_transfer=kv,
             weight_bytes=self.runner.weight_bytes, kv_bytes_per_token=self.kv.layout.bytes_per_token,
+            context_cache_hits=dict(self.kv.context_cache.hits) if self.kv.context_cache is not None else {},
         )
 
     def queued_prefill_tokens(self) -> int:
@@ -229,6 +230,10 @@ class Engine:
         self._start_imported()
         out = self.scheduler.schedule()
         if out:
+            now = time.monotonic()
+            for seq in [*out.decodes, *(s for s, _ in out.prefills)]:
+                if seq.queue_s is None and seq.num_output_tokens == 0:  # first scheduling of a prompt
+                    seq.queue_s = now - seq.arrival
             self._run(out)
         return bool(out)
 

@@ -70,5 +70,5 @@ class OutputProcessor:
         return self.send(seq.request_id, sink, RequestOutput(
             request_id=seq.request_id, new_token_ids=new, finished=reason is not None,
             usage=Usage(seq.prompt_len, seq.num_cached_tokens, seq.num_output_tokens),
-            finish_reason=reason, logprobs=lps, ttft_s=ttft, error=error,
+            finish_reason=reason, logprobs=lps, ttft_s=ttft, error=error, queue_s=seq.queue_s,
         ))

@@ -41,6 +41,7 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    queue_s: float | None = None  # arrival → first scheduled (None: not yet, or imported KV)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     emitted: int = 0  # generated tokens already reported
     admitted_once: bool = False

@@ -104,6 +104,7 @@ class RequestOutput:
     logprobs: tuple[TokenLogprob, ...] = ()
     ttft_s: float | None = None
     error: str | None = None
+    queue_s: float | None = None  # arrival at this engine → first scheduled; set once scheduled
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class WorkerStats:
     ep: dict | None = None  # expert parallelism (``ExpertParallel.stats`` and the ranks' pids); None: one process
     weight_bytes: int = 0  # resident bytes of the model's parameters and buffers on this worker
     kv_bytes_per_token: float = 0.0  # KV cache bytes one token takes (all layers)
+    context_cache_hits: dict[str, int] = field(default_factory=dict)  # blocks restored, per tier; {}: no tiers
 
     def to_json(self) -> dict:
         out = {
@@ -162,6 +164,8 @@ class WorkerStats:
         }
         if self.ep is not None:
             out["ep"] = self.ep
+        if self.context_cache_hits:
+            out["context_cache_hits"] = dict(self.context_cache_hits)
         return out
 
     @classmethod
@@ -172,4 +176,5 @@ class WorkerStats:
             requests_total=d["requests_total"], queued_tokens=d["queued_tokens"], healthy=d["healthy"],
             indexed=d["indexed"], kv_transfer=TransferStats.from_json(d["kv_transfer"]), ep=d.get("ep"),
             weight_bytes=d.get("weight_bytes", 0), kv_bytes_per_token=d.get("kv_bytes_per_token", 0.0),
+            context_cache_hits=dict(d.get("context_cache_hits") or {}),
         )

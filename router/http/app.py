@@ -1,0 +1,235 @@
+"""The OpenAI-compatible HTTP API on a ``Frontend``: a FastAPI app.
+
+    GET  /v1/models               the served model (id, owned_by "dsaserve", max_model_len)
+    GET  /v1/models/{model}
+    POST /v1/completions          prompt: text or token ids; SSE with "stream": true
+    POST /v1/chat/completions     messages (router.chat), DeepSeek thinking switch; SSE likewise
+    GET  /health                  200 while backend.health() is None, else 503 (no API key needed)
+    GET  /metrics                 Prometheus text (router.metrics, when present)
+    GET  /openapi.json, /docs
+
+Requests go through the same ``Frontend`` as the gRPC API, so limits, tokenization, stop strings and
+errors are the same; errors are OpenAI error objects (``router.http.errors``). With API keys
+(``$DSASERVE_API_KEYS``) every /v1 call needs ``Authorization: Bearer KEY``, compared in constant
+time, and the key is the request's tenant (its prefix cache is its own), as in ``router.server``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+from collections.abc import Awaitable, Callable
+from contextlib import contextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from router.chat import parse_messages
+from router.frontend import CompletionRequest, Frontend
+from router.http.errors import APIError, body_too_large, install_handlers
+from router.http.openai_types import COMPLETIONS_DEFAULT_MAX_TOKENS, ChatCompletionBody, CompletionBody
+from router.http.responses import ResponseFormat, event_stream
+from workers.engine.types import RequestError
+
+
+def build_app(frontend: Frontend, *, api_keys: frozenset[str] | None = None,
+              served_model: str | None = None) -> FastAPI:
+    """The app serving ``frontend``.
+
+    Args:
+        frontend: validates and runs requests (shared with the gRPC server or not).
+        api_keys: accepted keys; None reads ``$DSASERVE_API_KEYS``; empty: no authentication.
+        served_model: the model id clients name (default: the backend's ``model_id``).
+    """
+    if api_keys is None:
+        from router.server import api_keys_from_env
+
+        api_keys = api_keys_from_env()
+    info = frontend.info
+    model_id = served_model or info.model_id
+    app = FastAPI(title="dsaserve OpenAI-compatible API", version="1",
+                  description="OpenAI completions and chat completions served by dsaserve.")
+    install_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=info.limits.max_message_bytes)
+    keys = [k.encode() for k in sorted(api_keys)]
+
+    async def authorize(request: Request) -> None:
+        """Sets ``request.state.tenant``: the caller's key when keys are configured (401 unless it is
+        one of them). A dependency, so it runs before the body is validated."""
+        request.state.tenant = None
+        if not keys:
+            return
+        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        # Constant time per key, and every key is compared: timing tells nothing about the keys.
+        matched = False
+        for key in keys:
+            matched |= hmac.compare_digest(presented.encode(), key)
+        if not matched:
+            raise APIError(401, "missing or unknown API key (header Authorization: Bearer KEY)",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        request.state.tenant = presented
+
+    v1 = {"dependencies": [Depends(authorize)]}
+
+    def check_model(name: str | None) -> None:
+        if name and name != model_id:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_id!r}",
+                           param="model", code="model_not_found")
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "dsaserve",
+                "max_model_len": info.max_context}
+
+    @app.get("/v1/models", **v1)
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model}", **v1)
+    async def get_model(model: str) -> dict[str, Any]:
+        check_model(model)
+        return model_card()
+
+    @app.post("/v1/completions", **v1)
+    async def completions(body: CompletionBody, request: Request) -> Response:
+        who = request.state.tenant
+        check_model(body.model)
+        with _openai_names({"prompt_ids": "prompt"}):
+            body.check_unsupported()
+            text, ids = body.prompt_fields()
+            max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+            req = CompletionRequest(prompt=text, prompt_ids=ids, params=body.sampling(max_tokens, body.logprobs),
+                                    cache_salt=body.cache_salt, tenant=who)
+        fmt = ResponseFormat(chat=False, model=model_id, tokenizer=frontend.tokenizer,
+                             include_usage=body.include_usage)
+        return await _respond(frontend, req, fmt, bool(body.stream), {"prompt_ids": "prompt"})
+
+    @app.post("/v1/chat/completions", **v1)
+    async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
+        who = request.state.tenant
+        check_model(body.model)
+        names = {"max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
+                 "logprobs": "top_logprobs", "prompt_ids": "messages"}
+        with _openai_names(names):
+            body.check_unsupported()
+            messages = parse_messages(body.messages)
+            requested = body.requested_max_tokens()
+            thinking = body.thinking_mode()
+            req = CompletionRequest(messages=messages, thinking=thinking,
+                                    params=body.sampling(1 if requested is None else requested, body.logprobs_n()),
+                                    cache_salt=body.cache_salt, tenant=who)
+            if requested is None:
+                req = await _fill_context(frontend, req)
+        fmt = ResponseFormat(chat=True, model=model_id, tokenizer=frontend.tokenizer,
+                             include_usage=body.include_usage, thinking=thinking)
+        return await _respond(frontend, req, fmt, bool(body.stream), names)
+
+    @app.get("/health")
+    async def health() -> Response:
+        problem = await _health_problem(frontend)
+        if problem is None:
+            return JSONResponse({"status": "ok"})
+        return APIError(503, problem, type="service_unavailable").response()
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        try:
+            from router.metrics import render
+        except ImportError:
+            raise APIError(404, "metrics are not available in this build", code="not_found") from None
+        data, content_type = await asyncio.to_thread(render, frontend.backend)
+        return Response(data, media_type=content_type)
+
+    return app
+
+
+async def _respond(frontend: Frontend, req: CompletionRequest, fmt: ResponseFormat, stream: bool,
+                   names: dict[str, str]) -> Response:
+    """Run ``req``: a JSON body, or an SSE stream once the first delta exists (so that admission
+    and validation errors still get their HTTP status)."""
+    if not stream:
+        with _openai_names(names):
+            completion = await frontend.complete(req)
+        return JSONResponse(fmt.whole(completion))
+    deltas = frontend.generate(req)
+    try:
+        with _openai_names(names):
+            first = await deltas.__anext__()
+    except BaseException:
+        await deltas.aclose()
+        raise
+    return StreamingResponse(event_stream(first, deltas, fmt), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _fill_context(frontend: Frontend, req: CompletionRequest) -> CompletionRequest:
+    """A chat without max_tokens may use what the context leaves (as OpenAI and vLLM do): render and
+    tokenize it once to learn its length, then send those ids."""
+    greq = await frontend.prepare_async(req)
+    ids = greq.prompt_token_ids
+    room = min(frontend.info.max_context - len(ids), frontend.info.max_tokens_limit)
+    return dataclasses.replace(req, messages=None, thinking=False, prompt_ids=ids,
+                               params=dataclasses.replace(req.params, max_tokens=max(room, 1)))
+
+
+async def _health_problem(frontend: Frontend) -> str | None:
+    check = getattr(frontend.backend, "health", None)
+    if check is None:
+        return None
+    try:
+        return await check()
+    except Exception as exc:  # noqa: BLE001 — a failing check is itself a reason not to serve
+        return f"health check failed: {type(exc).__name__}: {exc}"
+
+
+@contextmanager
+def _openai_names(names: dict[str, str]):
+    """Report a Frontend field under the name the client used (``prompt_ids`` was its ``prompt``)."""
+    try:
+        yield
+    except RequestError as e:
+        if e.field not in names:
+            raise
+        message = str(e).removeprefix(f"{e.field}: ")
+        raise RequestError(names[e.field], message) from None
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 before any of it is parsed
+    (declared by Content-Length, or counted as it arrives)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await body_too_large(self.max_bytes).response()(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await body_too_large(self.max_bytes).response()(scope, receive, send)
+                return
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: disconnect notices
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
