@@ -26,41 +26,11 @@ from router.client import AsyncClient, Client, DsaServeError
 from router.limits import RequestLimits
 from router.server import server_port, start_server
 from router.tokenizer import Tokenizer
-from tests.battery import GOOD, GOOD_IDS, OTHER_CHECKS, cases, run_battery
+from tests.battery import GOOD, GOOD_IDS, OTHER_CHECKS, cases, overload, run_battery
 from workers.engine.config import EngineConfig
 
 QUEUE = 8
 LIMITS = RequestLimits(max_prompt_chars=20000, max_message_bytes=256 * 1024)
-
-
-async def overload(address: str, n: int, reference: tuple[int, ...]) -> dict:
-    """``n`` concurrent streams, every third cancelled after its first delta."""
-    out = {"streams": n, "done": 0, "cancelled": 0, "rejected": 0, "wrong_tokens": 0, "other_errors": 0}
-    reject_ms: list[float] = []
-
-    async def one(client: AsyncClient, i: int) -> None:
-        start = time.perf_counter()
-        try:
-            stream = client.generate_stream(prompt_ids=GOOD_IDS, **{**GOOD, "max_tokens": 16})
-            tokens: list[int] = []
-            async for delta in stream:
-                tokens.extend(delta.token_ids)
-                if i % 3 == 0:
-                    await stream.aclose()
-                    out["cancelled"] += 1
-                    return
-            out["done" if tuple(tokens[: len(reference)]) == reference else "wrong_tokens"] += 1
-        except DsaServeError as e:
-            if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.retry_after_s:
-                out["rejected"] += 1
-                reject_ms.append((time.perf_counter() - start) * 1000)
-            else:
-                out["other_errors"] += 1
-
-    async with AsyncClient(address, timeout=300) as client:
-        await asyncio.gather(*(one(client, i) for i in range(n)))
-    out["max_reject_ms"] = round(max(reject_ms), 1) if reject_ms else None
-    return out
 
 
 def random_sampling(address: str, n: int, vocab: int, seed: int = 0) -> dict:
@@ -154,7 +124,8 @@ def main() -> None:
         report["battery"] = {"checks": checks, "held": checks - len(problems),
                              "seconds": round(time.perf_counter() - start, 1), "problems": problems}
         report["random_sampling"] = random_sampling(address, args.random, info.vocab_size)
-        report["overload"] = asyncio.run(overload(address, args.streams_per_slot * QUEUE, reference))
+        report["overload"] = asyncio.run(overload(address, args.streams_per_slot * QUEUE, reference,
+                                                  max_tokens=16, timeout=300))
         report["overload"]["all_blocks_free_after"] = idle(backend)
         report["engine_fault"] = engine_fault(backend, address, reference)
         report["engine_fault"]["all_blocks_free_after"] = idle(backend)

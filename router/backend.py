@@ -66,3 +66,15 @@ class Backend(Protocol):
     def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]: ...
 
     def stats(self) -> dict: ...
+
+
+async def health_problem(backend: Backend) -> str | None:
+    """``backend.health()`` for the health service and ``GET /health``: None when it can serve; a
+    backend without ``health`` counts as healthy; a check that raises is itself the reason."""
+    check = getattr(backend, "health", None)
+    if check is None:
+        return None
+    try:
+        return await check()
+    except Exception as exc:  # noqa: BLE001 — a failing check is itself a reason not to serve
+        return f"health check failed: {type(exc).__name__}: {exc}"

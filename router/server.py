@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from router import wire
-from router.backend import AdmissionError, Backend, BackendUnavailable
+from router.backend import AdmissionError, Backend, BackendUnavailable, health_problem
 from router.chat import render_chat
 from router.frontend import Completion, CompletionRequest, Frontend
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
@@ -82,12 +82,7 @@ class DsaServeServicer(pb_grpc.DsaServeServicer):
     async def _authorize(self, context) -> None:
         if not self.api_keys:
             return
-        token = _presented_key(context).encode()
-        # Constant time per key, and every key is compared: timing tells nothing about the keys.
-        matched = False
-        for key in self.api_keys:
-            matched |= hmac.compare_digest(token, key.encode())
-        if not matched:
+        if not api_key_matches(_presented_key(context), self.api_keys):
             await _abort(context, wire.ErrorInfo("UNAUTHENTICATED", "missing or unknown API key (metadata authorization: Bearer KEY)"))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
@@ -257,22 +252,12 @@ async def start_server(
     bound = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
-    problem = await _health_problem(backend)
+    problem = await health_problem(backend)
     await _set_health(health_servicer, problem)
     await server.start()
     _PORTS[server] = bound
     _HEALTH_TASKS[server] = asyncio.create_task(_watch_health(server, backend, health_servicer, problem))
     return server
-
-
-async def _health_problem(backend: Backend) -> str | None:
-    check = getattr(backend, "health", None)
-    if check is None:
-        return None
-    try:
-        return await check()
-    except Exception as exc:  # noqa: BLE001 — a failing check is itself a reason not to serve
-        return f"health check failed: {type(exc).__name__}: {exc}"
 
 
 async def _set_health(servicer: health.aio.HealthServicer, problem: str | None) -> None:
@@ -285,7 +270,7 @@ async def _watch_health(server: grpc.aio.Server, backend: Backend, servicer: hea
                         last: str | None) -> None:
     """Keep the health service's answer equal to the backend's readiness until the server stops."""
     while await server.wait_for_termination(HEALTH_POLL_S):  # True: timed out, still running
-        problem = await _health_problem(backend)
+        problem = await health_problem(backend)
         if problem != last:
             if problem is not None:
                 log.warning("not serving: %s", problem)
@@ -299,10 +284,23 @@ def api_keys_from_env() -> frozenset[str]:
     return frozenset(k.strip() for k in raw.replace("\n", ",").split(",") if k.strip())
 
 
+def bearer_key(authorization: str) -> str:
+    """The key of an ``authorization: Bearer KEY`` value (gRPC metadata or HTTP header), "" when none."""
+    return authorization.removeprefix("Bearer ").strip()
+
+
+def api_key_matches(presented: str, keys: frozenset[str]) -> bool:
+    """Whether ``presented`` is one of ``keys``: constant time per key, and every key is compared, so
+    timing tells nothing about the keys."""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(presented.encode(), key.encode())
+    return matched
+
+
 def _presented_key(context) -> str:
     """The API key a call presents (``authorization: Bearer KEY``), "" when none."""
-    metadata = dict(context.invocation_metadata() or ())
-    return metadata.get("authorization", "").removeprefix("Bearer ").strip()
+    return bearer_key(dict(context.invocation_metadata() or ()).get("authorization", ""))
 
 
 def server_port(server: grpc.aio.Server) -> int:

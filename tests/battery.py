@@ -8,7 +8,9 @@ runs against any model and any configured limits.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +18,7 @@ import grpc
 
 from router import wire
 from router.backend import ModelInfo
+from router.client import AsyncClient, DsaServeError
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
 from router.proto.dsaserve.v1 import dsaserve_pb2_grpc as pb_grpc
 
@@ -167,3 +170,39 @@ def _other_rpcs(stub: pb_grpc.DsaServeStub, info: ModelInfo, metadata) -> list[s
     if out.get("good") is None or out["good"].HasField("error"):
         problems.append(f"batch-good: {out.get('good')}")
     return problems
+
+
+async def overload(address: str, n: int, reference: tuple[int, ...], *, max_tokens: int = 12,
+                   timeout: float = 180.0) -> dict:
+    """``n`` concurrent greedy streams of the good request, every third cancelled after its first
+    delta. Counts: ``done`` (all tokens, the reference's first), ``cancelled``, ``rejected``
+    (RESOURCE_EXHAUSTED; ``pushback_missing`` of them without a retry hint), ``wrong_tokens``,
+    ``other_errors``; ``max_reject_ms``: the slowest rejection."""
+    out = {"streams": n, "done": 0, "cancelled": 0, "rejected": 0, "pushback_missing": 0, "wrong_tokens": 0,
+           "other_errors": 0}
+    reject_ms: list[float] = []
+
+    async def one(client: AsyncClient, i: int) -> None:
+        start = time.perf_counter()
+        try:
+            stream = client.generate_stream(prompt_ids=GOOD_IDS, **{**GOOD, "max_tokens": max_tokens})
+            tokens: list[int] = []
+            async for delta in stream:
+                tokens.extend(delta.token_ids)
+                if i % 3 == 0:
+                    await stream.aclose()
+                    out["cancelled"] += 1
+                    return
+            out["done" if tuple(tokens[: len(reference)]) == reference else "wrong_tokens"] += 1
+        except DsaServeError as e:
+            if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                out["other_errors"] += 1
+                return
+            out["rejected"] += 1
+            out["pushback_missing"] += not (e.retry_after_s and e.retry_after_s > 0)
+            reject_ms.append((time.perf_counter() - start) * 1000)
+
+    async with AsyncClient(address, timeout=timeout) as client:
+        await asyncio.gather(*(one(client, i) for i in range(n)))
+    out["max_reject_ms"] = round(max(reject_ms), 1) if reject_ms else None
+    return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
 from typing import Any
@@ -26,11 +25,13 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from router.backend import health_problem
 from router.chat import parse_messages
 from router.frontend import CompletionRequest, Frontend
 from router.http.errors import APIError, body_too_large, install_handlers
 from router.http.openai_types import COMPLETIONS_DEFAULT_MAX_TOKENS, ChatCompletionBody, CompletionBody
 from router.http.responses import ResponseFormat, event_stream
+from router.server import api_key_matches, api_keys_from_env, bearer_key
 from workers.engine.types import RequestError
 
 
@@ -44,8 +45,6 @@ def build_app(frontend: Frontend, *, api_keys: frozenset[str] | None = None,
         served_model: the model id clients name (default: the backend's ``model_id``).
     """
     if api_keys is None:
-        from router.server import api_keys_from_env
-
         api_keys = api_keys_from_env()
     info = frontend.info
     model_id = served_model or info.model_id
@@ -53,20 +52,15 @@ def build_app(frontend: Frontend, *, api_keys: frozenset[str] | None = None,
                   description="OpenAI completions and chat completions served by dsaserve.")
     install_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=info.limits.max_message_bytes)
-    keys = [k.encode() for k in sorted(api_keys)]
 
     async def authorize(request: Request) -> None:
         """Sets ``request.state.tenant``: the caller's key when keys are configured (401 unless it is
         one of them). A dependency, so it runs before the body is validated."""
         request.state.tenant = None
-        if not keys:
+        if not api_keys:
             return
-        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        # Constant time per key, and every key is compared: timing tells nothing about the keys.
-        matched = False
-        for key in keys:
-            matched |= hmac.compare_digest(presented.encode(), key)
-        if not matched:
+        presented = bearer_key(request.headers.get("authorization", ""))
+        if not api_key_matches(presented, api_keys):
             raise APIError(401, "missing or unknown API key (header Authorization: Bearer KEY)",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         request.state.tenant = presented
@@ -127,7 +121,7 @@ def build_app(frontend: Frontend, *, api_keys: frozenset[str] | None = None,
 
     @app.get("/health")
     async def health() -> Response:
-        problem = await _health_problem(frontend)
+        problem = await health_problem(frontend.backend)
         if problem is None:
             return JSONResponse({"status": "ok"})
         return APIError(503, problem, type="service_unavailable").response()
@@ -171,16 +165,6 @@ async def _fill_context(frontend: Frontend, req: CompletionRequest) -> Completio
     room = min(frontend.info.max_context - len(ids), frontend.info.max_tokens_limit)
     return dataclasses.replace(req, messages=None, thinking=False, prompt_ids=ids,
                                params=dataclasses.replace(req.params, max_tokens=max(room, 1)))
-
-
-async def _health_problem(frontend: Frontend) -> str | None:
-    check = getattr(frontend.backend, "health", None)
-    if check is None:
-        return None
-    try:
-        return await check()
-    except Exception as exc:  # noqa: BLE001 — a failing check is itself a reason not to serve
-        return f"health check failed: {type(exc).__name__}: {exc}"
 
 
 @contextmanager

@@ -14,10 +14,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from router.client import AsyncClient, Client, DsaServeError
+from router.client import Client
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
 from router.proto.dsaserve.v1 import dsaserve_pb2_grpc as pb_grpc
-from tests.battery import GOOD, GOOD_IDS, msg, run_battery
+from tests.battery import GOOD, GOOD_IDS, msg, overload, run_battery
 from workers.model import load_model
 
 from ..engine.conftest import reference_greedy
@@ -101,30 +101,11 @@ def test_bad_input_battery(started, reference) -> None:
 
 def test_overload_answers_resource_exhausted_and_frees_everything(started, reference) -> None:
     running, _ = started
-    outcomes = {"done": 0, "rejected": 0, "cancelled": 0}
-
-    async def one(client: AsyncClient, i: int) -> None:
-        try:
-            stream = client.generate_stream(prompt_ids=GOOD_IDS, **{**GOOD, "max_tokens": 12})
-            tokens = []
-            async for delta in stream:
-                tokens.extend(delta.token_ids)
-                if i % 3 == 0:
-                    await stream.aclose()
-                    outcomes["cancelled"] += 1
-                    return
-            assert tuple(tokens[: len(reference)]) == reference
-            outcomes["done"] += 1
-        except DsaServeError as e:
-            assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED, e
-            outcomes["rejected"] += 1
-
-    async def run() -> None:
-        async with AsyncClient(running.address, timeout=180) as client:
-            await asyncio.gather(*(one(client, i) for i in range(10 * QUEUE)))
-
-    asyncio.run(run())
-    assert sum(outcomes.values()) == 10 * QUEUE and outcomes["rejected"] > 0 and outcomes["done"] > 0, outcomes
+    outcomes = asyncio.run(overload(running.address, 10 * QUEUE, reference))
+    assert outcomes["done"] + outcomes["cancelled"] + outcomes["rejected"] == 10 * QUEUE, outcomes
+    assert outcomes["rejected"] > 0 and outcomes["done"] > 0, outcomes
+    # Serve's own queue overflow is RESOURCE_EXHAUSTED too, without our retry hint: not required here
+    assert outcomes["wrong_tokens"] == outcomes["other_errors"] == 0, outcomes
     with Client(running.address, timeout=60) as c:
         deadline = time.monotonic() + 30
         while True:

@@ -13,11 +13,11 @@ import grpc
 import pytest
 
 from cluster.local import LocalBackend
-from router.client import AsyncClient, Client, DsaServeError
+from router.client import Client, DsaServeError
 from router.frontend import CompletionRequest, Frontend
 from router.limits import RequestLimits
 from router.tokenizer import Tokenizer
-from tests.battery import GOOD, GOOD_IDS, run_battery
+from tests.battery import GOOD, GOOD_IDS, overload, run_battery
 from tests.router.conftest import MAX_MODEL_LEN, ServerThread
 from tests.router.test_frontend import greedy
 from workers.engine.config import EngineConfig
@@ -68,32 +68,10 @@ def test_overload_answers_resource_exhausted_and_frees_everything(limited: Serve
     """10× the queue limit of concurrent streams, a third of them cancelled after their first delta:
     each completes or gets RESOURCE_EXHAUSTED with retry pushback; then every block is free."""
     ref = reference(limited.address)
-    outcomes: dict[str, int] = {"done": 0, "rejected": 0, "cancelled": 0}
-
-    async def one(client: AsyncClient, i: int) -> None:
-        try:
-            stream = client.generate_stream(prompt_ids=GOOD_IDS, **{**GOOD, "max_tokens": 12})
-            tokens = []
-            async for delta in stream:
-                tokens.extend(delta.token_ids)
-                if i % 3 == 0:
-                    await stream.aclose()
-                    outcomes["cancelled"] += 1
-                    return
-            assert tuple(tokens[: len(ref)]) == ref
-            outcomes["done"] += 1
-        except DsaServeError as e:
-            assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED, e
-            assert e.retry_after_s is not None and e.retry_after_s > 0
-            outcomes["rejected"] += 1
-
-    async def run() -> None:
-        async with AsyncClient(limited.address, timeout=120) as client:
-            await asyncio.gather(*(one(client, i) for i in range(10 * QUEUE)))
-
-    asyncio.run(run())
-    assert sum(outcomes.values()) == 10 * QUEUE
+    outcomes = asyncio.run(overload(limited.address, 10 * QUEUE, ref, timeout=120))
+    assert outcomes["done"] + outcomes["cancelled"] + outcomes["rejected"] == 10 * QUEUE, outcomes
     assert outcomes["rejected"] > 0 and outcomes["done"] > 0, outcomes
+    assert outcomes["pushback_missing"] == outcomes["wrong_tokens"] == outcomes["other_errors"] == 0, outcomes
     wait_idle(limited.backend)
     with Client(limited.address, timeout=30) as c:
         assert c.health() == "SERVING"
