@@ -26,6 +26,9 @@ from kvstore.transfer import TransferError
 from router.backend import ModelInfo
 from router.dispatch import DispatchConfig, Dispatcher
 from router.frontend import Frontend
+from router.jobs.grpc_service import BatchJobsServicer
+from router.jobs.service import JobService
+from router.jobs.store import open_store
 from router.limits import RequestLimits
 from router.policy import DSACostModel, RoutingConfig, make_policy
 from router.routing import CacheAwareRouting
@@ -42,6 +45,7 @@ ROUTER_SPARE_CALLS = 64
 
 GRPC_SERVICERS = [
     "router.proto.dsaserve.v1.dsaserve_pb2_grpc.add_DsaServeServicer_to_server",
+    "router.proto.dsaserve.v1.dsaserve_pb2_grpc.add_BatchJobsServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
@@ -193,12 +197,25 @@ class RouterServer:
                                   DispatchConfig(startup_timeout_s=cfg.router.startup_timeout_s,
                                                  max_attempts=MAX_ATTEMPTS, retry_backoff_s=RETRY_BACKOFF_S))
         self.servicer = DsaServeServicer(Frontend(self.backend, tokenizer))
+        self.jobs = job_service(cfg, Frontend(self.backend, tokenizer), info.model_id)
+        self.jobs_servicer = BatchJobsServicer(self.jobs, self.servicer.caller_key) if self.jobs else None
+        self._jobs_started = False
 
     def __serve_build_asgi_app__(self):
         """The HTTP app on this replica's Frontend (Serve calls it after ``__init__``)."""
         from router.http import build_app
 
-        return build_app(self.servicer.frontend)
+        return build_app(self.servicer.frontend, jobs=self.jobs)
+
+    def _start_jobs(self) -> None:
+        """Start this replica's job runner on the loop its calls run on (the first call that reaches
+        the replica: Serve's health check, readiness or any RPC)."""
+        if self.jobs is not None and not self._jobs_started:
+            self._jobs_started = True
+            self.jobs.start()
+
+    async def check_health(self) -> None:
+        self._start_jobs()
 
     async def _stream(self, call, grpc_context) -> AsyncIterator:
         ctx = _ServeContext(grpc_context)
@@ -235,6 +252,32 @@ class RouterServer:
     async def Status(self, request: pb.StatusRequest, grpc_context) -> pb.StatusResponse:
         return await self.servicer.Status(request, _ServeContext(grpc_context))
 
+    async def _jobs_call(self, name: str, request, grpc_context):
+        self._start_jobs()
+        ctx = _ServeContext(grpc_context)
+        if self.jobs_servicer is None:
+            await ctx.abort(_grpc_code("UNIMPLEMENTED"), "batch jobs are off: set router.jobs.store_url or redis_url")
+        return await getattr(self.jobs_servicer, name)(request, ctx)
+
+    async def CreateJob(self, request: pb.CreateJobRequest, grpc_context) -> pb.Job:
+        return await self._jobs_call("CreateJob", request, grpc_context)
+
+    async def GetJob(self, request: pb.GetJobRequest, grpc_context) -> pb.Job:
+        return await self._jobs_call("GetJob", request, grpc_context)
+
+    async def ListJobs(self, request: pb.ListJobsRequest, grpc_context) -> pb.ListJobsResponse:
+        return await self._jobs_call("ListJobs", request, grpc_context)
+
+    async def CancelJob(self, request: pb.CancelJobRequest, grpc_context) -> pb.Job:
+        return await self._jobs_call("CancelJob", request, grpc_context)
+
+    async def StreamResults(self, request: pb.StreamResultsRequest, grpc_context) -> AsyncIterator[pb.JobResult]:
+        self._start_jobs()
+        if self.jobs_servicer is None:
+            await _ServeContext(grpc_context).abort(_grpc_code("UNIMPLEMENTED"), "batch jobs are off")
+        async for msg in self._stream(lambda ctx: self.jobs_servicer.StreamResults(request, ctx), grpc_context):
+            yield msg
+
     async def Check(self, request, grpc_context):
         """SERVING only while a Generate would succeed (``Dispatcher.health``)."""
         from grpc_health.v1 import health_pb2
@@ -248,7 +291,26 @@ class RouterServer:
 
     async def ready(self) -> str | None:
         """Why a Generate would not succeed now (None: it would)."""
+        self._start_jobs()
         return await self.backend.health()
+
+
+def job_service(config: ClusterConfig, frontend: Frontend, model_id: str) -> JobService | None:
+    """The replica's batch jobs, in Redis (``router.jobs.store_url``, else the KV index's ``redis_url``);
+    None when jobs are off or no Redis is configured."""
+    settings = config.router.jobs
+    url = settings.store_url or config.redis_url
+    if not settings.enabled or not url:
+        return None
+    options = redis_options(config) if not settings.store_url else {}
+    store = open_store(os.path.expandvars(url), redis_options=options)
+    return JobService(store, frontend, settings.limits, model_id=model_id, owner=f"router-{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def _grpc_code(name: str):
+    import grpc
+
+    return getattr(grpc.StatusCode, name)
 
 
 def redis_options(config: ClusterConfig) -> dict:

@@ -52,6 +52,13 @@ def register(commands: Any) -> None:
                        help="requests in flight before RESOURCE_EXHAUSTED (default: 1024)")
     local.add_argument("--limit", action="append", default=[], metavar="NAME=N",
                        help="a request limit (repeatable), e.g. max_stop_strings=8; ListModels reports them all")
+    local.add_argument("--jobs-store", default=None, metavar="PATH|URL",
+                       help="where batch jobs live: a SQLite file, or redis://... (default: jobs.sqlite3 in the "
+                            "cache folder, $DSASERVE_CACHE)")
+    local.add_argument("--no-jobs", action="store_true", help="serve no batch jobs (no /v1/files, /v1/batches, BatchJobs)")
+    local.add_argument("--job-limit", action="append", default=[], metavar="NAME=N",
+                       help="a batch job limit (repeatable): max_lines_per_job, max_file_bytes, max_jobs_in_flight, "
+                            "max_line_chars, retention_s, concurrency, priority")
     add_server_tls_args(local)
     local.set_defaults(func=cmd_local)
 
@@ -78,8 +85,14 @@ def register(commands: Any) -> None:
     add_client_tls_args(client_health)
     client_health.set_defaults(func=cmd_client_health)
 
-    batch = commands.add_parser("batch", help="run a JSONL file of requests offline (resumable)")
+    batch = commands.add_parser(
+        "batch", help="run a JSONL file of requests offline, or as a durable job on a server (--address); resumable")
     _add_model_arg(batch)
+    batch.add_argument("--address", default=None, metavar="HOST:PORT",
+                       help="submit to this server as a batch job and follow it (instead of running in process)")
+    batch.add_argument("--wait", type=float, default=600.0,
+                       help="with --address: seconds to wait for an unreachable server before giving up (default: 600)")
+    add_client_tls_args(batch)
     batch.add_argument("--input", type=Path, required=True, help="JSONL: one request object per line")
     batch.add_argument("--output", type=Path, required=True, help="JSONL results, appended; reruns skip done ids")
     batch.add_argument("--concurrency", type=positive_int, default=16, help="requests in flight (default: 16)")
@@ -128,15 +141,19 @@ async def _serve(args: argparse.Namespace) -> int:
     dtype = _dtype(args)
     if args.no_http and args.http_port is not None:
         raise RequestError("http_port", "--http-port and --no-http exclude each other")
+    job_limits = _job_limits(args.job_limit)
     with LocalBackend.start(args.model, dtype=dtype, device=_device(args), num_threads=_engine_threads(),
                             engine_config=engine_config, limits=limits, fp8_weights=args.fp8_weights) as backend:
         tokenizer = Tokenizer.load(backend.model_dir)
-        server = await start_server(backend, tokenizer, args.host, args.port, tls=tls)
+        jobs = None if args.no_jobs else _job_service(args, backend, tokenizer, job_limits)
+        server = await start_server(backend, tokenizer, args.host, args.port, tls=tls, jobs=jobs)
         try:
-            http = None if args.no_http else await _start_http(args, backend, tokenizer, tls)
+            http = None if args.no_http else await _start_http(args, backend, tokenizer, tls, jobs)
         except BaseException:
             await server.stop(grace=0)
             raise
+        if jobs is not None:
+            jobs.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -152,17 +169,50 @@ async def _serve(args: argparse.Namespace) -> int:
         await stop.wait()
         print("dsaserve: shutting down", file=sys.stderr, flush=True)
         await asyncio.gather(server.stop(grace=5.0), *([http.stop(grace=5.0)] if http else []))
+        if jobs is not None:
+            await jobs.close()
     return 0
 
 
-async def _start_http(args: argparse.Namespace, backend: Any, tokenizer: Any, tls: Any) -> Any:
+def _job_limits(pairs: list[str]) -> Any:
+    """``JobLimits`` from NAME=N pairs; RequestError("job_limit") names a bad one."""
+    from pydantic import ValidationError
+
+    from router.jobs.types import JobLimits
+
+    values: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise RequestError("job_limit", f"expected NAME=N, got {pair!r}")
+        values[name.strip()] = value.strip()
+    try:
+        return JobLimits(**values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RequestError("job_limit", f"{where}: {first['msg']}") from None
+
+
+def _job_service(args: argparse.Namespace, backend: Any, tokenizer: Any, limits: Any) -> Any:
+    """The batch jobs of this server, in ``--jobs-store`` (jobs left unfinished there resume)."""
+    from cluster.local import cache_dir
+    from router.frontend import Frontend
+    from router.jobs.service import JobService
+    from router.jobs.store import open_store
+
+    store = open_store(args.jobs_store or str(cache_dir() / "jobs.sqlite3"))
+    return JobService(store, Frontend(backend, tokenizer), limits)
+
+
+async def _start_http(args: argparse.Namespace, backend: Any, tokenizer: Any, tls: Any, jobs: Any = None) -> Any:
     """The OpenAI-compatible HTTP server beside the gRPC one, on the same loop, backend and TLS files.
     Without --http-port: 8000, or a free port when --port is 0 (two test servers never collide)."""
     from router.frontend import Frontend
     from router.http import build_app, start_http_server
 
     http_port = args.http_port if args.http_port is not None else (0 if args.port == 0 else 8000)
-    app = build_app(Frontend(backend, tokenizer))
+    app = build_app(Frontend(backend, tokenizer), jobs=jobs)
     return await start_http_server(app, args.http_host or args.host, http_port, tls=tls)
 
 
@@ -240,6 +290,10 @@ def _tls_note(tls: Any) -> str:
 
 @_user_errors
 def cmd_batch(args: argparse.Namespace) -> int:
+    if args.address:
+        from cluster.cli_jobs import cmd_batch_remote
+
+        return cmd_batch_remote(args)
     from cluster.local import LocalBackend
     from router.batch import BatchJob
     from router.frontend import Frontend

@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from router.jobs.types import JobLimits
 from router.tls import TLSFrontConfig
 from workers.engine.config import EngineConfig
 
@@ -72,6 +73,16 @@ class LimitsSettings(_Strict):
     max_concurrent_streams: int = Field(0, ge=0, description="concurrent gRPC calls per server (local mode; 0: max_queue + 64)")
 
 
+class JobsSettings(_Strict):
+    """Durable batch jobs (the OpenAI Batch API and gRPC BatchJobs), kept in Redis so that every router
+    replica sees every job and a restarted router resumes them."""
+
+    enabled: bool = Field(True, description="serve batch jobs (needs store_url or redis_url)")
+    store_url: str | None = Field(None, description="redis://... for the jobs (none: the KV index's redis_url, "
+                                  "with its connection options); $VARS expand in the router")
+    limits: JobLimits = Field(default_factory=JobLimits, description="job limits and how job lines run")
+
+
 class RouterConfig(_Strict):
     """The gRPC front door."""
 
@@ -82,6 +93,7 @@ class RouterConfig(_Strict):
     replicas: int = Field(1, ge=1, description="router replicas")
     startup_timeout_s: float = Field(120.0, ge=0, description="calls arriving before any worker is ready wait this long, then get UNAVAILABLE")
     limits: LimitsSettings = Field(default_factory=LimitsSettings, description="request limits (INVALID_ARGUMENT beyond them)")
+    jobs: JobsSettings = Field(default_factory=JobsSettings, description="durable batch jobs")
     tls: TLSFrontConfig | None = Field(None, description="TLS on grpc_port (cert_file, key_file, client_ca_file for "
                                        "mutual TLS): Serve's proxy moves to tls.upstream_port behind a TLS front; none: plaintext")
 

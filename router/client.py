@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from router import wire
 from router.backend import ModelInfo
 from router.frontend import Completion, CompletionRequest, Delta
+from router.jobs.client import JobsClient
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
 from router.proto.dsaserve.v1 import dsaserve_pb2_grpc as pb_grpc
 from router.tls import ClientTLS
@@ -166,6 +167,11 @@ class Client:
         self._channel = _open_channel(grpc, address, tls)
         self._stub = pb_grpc.DsaServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def jobs(self) -> JobsClient:
+        """Durable batch jobs on this server (``router.jobs.client``)."""
+        return JobsClient(self._channel, self._metadata, self.timeout, DsaServeError)
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> Completion:
         """Run one request to the end."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ class Dispatcher:
         self.workers, self._info, self.routing = workers, info, routing
         self.config = config or DispatchConfig()
         self.in_flight = 0
+        self.in_flight_by_priority: Counter[int] = Counter()  # batch jobs yield to what runs ahead of them
         self.requests_total = 0
         self.errors_total = 0
         self.rejected_total = 0  # RESOURCE_EXHAUSTED answers
@@ -119,6 +121,7 @@ class Dispatcher:
             raise AdmissionError(f"admission queue full ({self._info.max_queue} requests in flight)",
                                  retry_after_s=self.config.retry_after_s)
         self.in_flight += 1
+        self.in_flight_by_priority[req.priority] += 1
         self.requests_total += 1
         try:
             await self._until_ready()
@@ -151,6 +154,7 @@ class Dispatcher:
             raise BackendUnavailable(f"workers failed {self.config.max_attempts} times for this request")
         finally:
             self.in_flight -= 1
+            self.in_flight_by_priority[req.priority] -= 1
 
     def _expects_prefill(self) -> bool:
         return self.workers.expects_prefill and not self._ready_once

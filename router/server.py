@@ -18,6 +18,7 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,9 +34,13 @@ from router.tls import TLSConfig, server_credentials
 from router.tokenizer import Tokenizer
 from workers.engine.types import RequestError
 
+if TYPE_CHECKING:
+    from router.jobs.service import JobService
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DsaServe"].full_name
+JOBS_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BatchJobs"].full_name
 DEFAULT_BATCH_CONCURRENCY = 64
 MAX_BATCH_RETRY_WAIT_S = 1.0
 HEALTH_POLL_S = 0.5
@@ -84,6 +89,12 @@ class DsaServeServicer(pb_grpc.DsaServeServicer):
             return
         if not api_key_matches(_presented_key(context), self.api_keys):
             await _abort(context, wire.ErrorInfo("UNAUTHENTICATED", "missing or unknown API key (metadata authorization: Bearer KEY)"))
+
+    async def caller_key(self, context) -> str:
+        """The API key a call presents ("" without keys configured); aborts UNAUTHENTICATED when it is
+        not one of them."""
+        await self._authorize(context)
+        return _presented_key(context) if self.api_keys else ""
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         await self._authorize(context)
@@ -221,12 +232,14 @@ async def start_server(
     *,
     batch_concurrency: int | None = None,
     tls: TLSConfig | None = None,
+    jobs: JobService | None = None,
 ) -> grpc.aio.Server:
     """Start serving ``DsaServe``, ``grpc.health.v1.Health`` (SERVING while ``backend.health()`` is
     None, NOT_SERVING otherwise, polled every ``HEALTH_POLL_S``) and server reflection.
 
     ``port`` 0 picks a free port; ``server_port(server)`` tells which. With ``tls`` the port speaks
-    TLS only (mutual TLS when it names a client CA). The caller stops the server
+    TLS only (mutual TLS when it names a client CA). With ``jobs``, ``dsaserve.v1.BatchJobs`` too (the
+    caller starts and closes the service). The caller stops the server
     (``await server.stop(grace)``) and closes the backend.
 
     Raises:
@@ -242,11 +255,18 @@ async def start_server(
         options=[("grpc.max_receive_message_length", limits.max_message_bytes)],
         maximum_concurrent_rpcs=limits.max_concurrent_streams or None,
     )
-    pb_grpc.add_DsaServeServicer_to_server(DsaServeServicer(frontend, batch_concurrency=concurrency), server)
+    servicer = DsaServeServicer(frontend, batch_concurrency=concurrency)
+    pb_grpc.add_DsaServeServicer_to_server(servicer, server)
+    services = [SERVICE_NAME]
+    if jobs is not None:
+        from router.jobs.grpc_service import BatchJobsServicer
+
+        pb_grpc.add_BatchJobsServicer_to_server(BatchJobsServicer(jobs, servicer.caller_key), server)
+        services.append(JOBS_SERVICE_NAME)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)

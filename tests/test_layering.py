@@ -18,8 +18,9 @@ FORBIDDEN = {
 }
 
 
-# Parsed in a fresh interpreter: after some libraries ran in this one (Hypothesis changes the recursion
-# limit while it runs), CPython 3.11.7's ast.parse can fail with "AST constructor recursion depth mismatch".
+# Parsed in a fresh interpreter: in this one, a thread formatting a traceback can parse at the same time
+# (see tests/conftest.py), and CPython 3.11.7's ast.parse then fails with "AST constructor recursion
+# depth mismatch".
 _SCRIPT = """
 import ast, json, sys
 out = {}

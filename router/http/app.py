@@ -17,32 +17,32 @@ time, and the key is the request's tenant (its prefix cache is its own), as in `
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Awaitable, Callable
-from contextlib import contextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.backend import health_problem
-from router.chat import parse_messages
 from router.frontend import CompletionRequest, Frontend
+from router.http.batch_api import add_batch_routes
+from router.http.convert import chat_request, completion_request, openai_names
 from router.http.errors import APIError, body_too_large, install_handlers
-from router.http.openai_types import COMPLETIONS_DEFAULT_MAX_TOKENS, ChatCompletionBody, CompletionBody
+from router.http.openai_types import ChatCompletionBody, CompletionBody
 from router.http.responses import ResponseFormat, event_stream
+from router.jobs.service import JobService
 from router.server import api_key_matches, api_keys_from_env, bearer_key
-from workers.engine.types import RequestError
 
 
 def build_app(frontend: Frontend, *, api_keys: frozenset[str] | None = None,
-              served_model: str | None = None) -> FastAPI:
+              served_model: str | None = None, jobs: JobService | None = None) -> FastAPI:
     """The app serving ``frontend``.
 
     Args:
         frontend: validates and runs requests (shared with the gRPC server or not).
         api_keys: accepted keys; None reads ``$DSASERVE_API_KEYS``; empty: no authentication.
         served_model: the model id clients name (default: the backend's ``model_id``).
+        jobs: serve the OpenAI Batch API (``router.http.batch_api``) on these jobs.
     """
     if api_keys is None:
         api_keys = api_keys_from_env()
@@ -51,7 +51,8 @@ def build_app(frontend: Frontend, *, api_keys: frozenset[str] | None = None,
     app = FastAPI(title="dsaserve OpenAI-compatible API", version="1",
                   description="OpenAI completions and chat completions served by dsaserve.")
     install_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=info.limits.max_message_bytes)
+    uploads = {"/v1/files": jobs.limits.max_file_bytes + 65536} if jobs is not None else {}  # + the form's framing
+    app.add_middleware(BodyLimit, max_bytes=info.limits.max_message_bytes, path_limits=uploads)
 
     async def authorize(request: Request) -> None:
         """Sets ``request.state.tenant``: the caller's key when keys are configured (401 unless it is
@@ -87,37 +88,18 @@ def build_app(frontend: Frontend, *, api_keys: frozenset[str] | None = None,
 
     @app.post("/v1/completions", **v1)
     async def completions(body: CompletionBody, request: Request) -> Response:
-        who = request.state.tenant
         check_model(body.model)
-        with _openai_names({"prompt_ids": "prompt"}):
-            body.check_unsupported()
-            text, ids = body.prompt_fields()
-            max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-            req = CompletionRequest(prompt=text, prompt_ids=ids, params=body.sampling(max_tokens, body.logprobs),
-                                    cache_salt=body.cache_salt, tenant=who)
-        fmt = ResponseFormat(chat=False, model=model_id, tokenizer=frontend.tokenizer,
-                             include_usage=body.include_usage)
-        return await _respond(frontend, req, fmt, bool(body.stream), {"prompt_ids": "prompt"})
+        c = completion_request(body, frontend, model_id, request.state.tenant)
+        return await _respond(frontend, c.request, c.format, bool(body.stream), c.names)
 
     @app.post("/v1/chat/completions", **v1)
     async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
-        who = request.state.tenant
         check_model(body.model)
-        names = {"max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
-                 "logprobs": "top_logprobs", "prompt_ids": "messages"}
-        with _openai_names(names):
-            body.check_unsupported()
-            messages = parse_messages(body.messages)
-            requested = body.requested_max_tokens()
-            thinking = body.thinking_mode()
-            req = CompletionRequest(messages=messages, thinking=thinking,
-                                    params=body.sampling(1 if requested is None else requested, body.logprobs_n()),
-                                    cache_salt=body.cache_salt, tenant=who)
-            if requested is None:
-                req = await _fill_context(frontend, req)
-        fmt = ResponseFormat(chat=True, model=model_id, tokenizer=frontend.tokenizer,
-                             include_usage=body.include_usage, thinking=thinking)
-        return await _respond(frontend, req, fmt, bool(body.stream), names)
+        c = await chat_request(body, frontend, model_id, request.state.tenant)
+        return await _respond(frontend, c.request, c.format, bool(body.stream), c.names)
+
+    if jobs is not None:
+        add_batch_routes(app, jobs, v1)
 
     @app.get("/health")
     async def health() -> Response:
@@ -143,12 +125,12 @@ async def _respond(frontend: Frontend, req: CompletionRequest, fmt: ResponseForm
     """Run ``req``: a JSON body, or an SSE stream once the first delta exists (so that admission
     and validation errors still get their HTTP status)."""
     if not stream:
-        with _openai_names(names):
+        with openai_names(names):
             completion = await frontend.complete(req)
         return JSONResponse(fmt.whole(completion))
     deltas = frontend.generate(req)
     try:
-        with _openai_names(names):
+        with openai_names(names):
             first = await deltas.__anext__()
     except BaseException:
         await deltas.aclose()
@@ -157,44 +139,25 @@ async def _respond(frontend: Frontend, req: CompletionRequest, fmt: ResponseForm
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _fill_context(frontend: Frontend, req: CompletionRequest) -> CompletionRequest:
-    """A chat without max_tokens may use what the context leaves (as OpenAI and vLLM do): render and
-    tokenize it once to learn its length, then send those ids."""
-    greq = await frontend.prepare_async(req)
-    ids = greq.prompt_token_ids
-    room = min(frontend.info.max_context - len(ids), frontend.info.max_tokens_limit)
-    return dataclasses.replace(req, messages=None, thinking=False, prompt_ids=ids,
-                               params=dataclasses.replace(req.params, max_tokens=max(room, 1)))
-
-
-@contextmanager
-def _openai_names(names: dict[str, str]):
-    """Report a Frontend field under the name the client used (``prompt_ids`` was its ``prompt``)."""
-    try:
-        yield
-    except RequestError as e:
-        if e.field not in names:
-            raise
-        message = str(e).removeprefix(f"{e.field}: ")
-        raise RequestError(names[e.field], message) from None
-
-
 class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413 before any of it is parsed
-    (declared by Content-Length, or counted as it arrives)."""
+    """ASGI middleware: a request body over ``max_bytes`` (or its path's entry in ``path_limits``: file
+    uploads) gets 413 before any of it is parsed (declared by Content-Length, or counted as it arrives)."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int,
+                 path_limits: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.path_limits.get(scope.get("path", ""), self.max_bytes)
         headers = dict(scope.get("headers") or ())
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await body_too_large(self.max_bytes).response()(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            await body_too_large(max_bytes).response()(scope, receive, send)
             return
         chunks, size, more = [], 0, True
         while more:
@@ -204,8 +167,8 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
-            if size > self.max_bytes:
-                await body_too_large(self.max_bytes).response()(scope, receive, send)
+            if size > max_bytes:
+                await body_too_large(max_bytes).response()(scope, receive, send)
                 return
         body, replayed = b"".join(chunks), False
 

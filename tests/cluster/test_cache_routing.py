@@ -69,6 +69,48 @@ def _cached_after_repeat(address: str, seed: int, deadline_s: float) -> int:
     return best
 
 
+def test_batch_jobs_live_in_redis_and_run_through_the_cluster(cluster, redis):
+    """Batch jobs in cluster mode (this module's cluster has Redis, so the router keeps its jobs there):
+    the openai client's Batch workflow through Serve's HTTP proxy, and gRPC BatchJobs through its gRPC
+    proxy. Runs before the Redis restart below, which empties Redis."""
+    import io
+    import json
+
+    import openai
+
+    from router.jobs.redis_store import RedisJobStore
+
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{cluster.config['router']['http_port']}/v1", api_key="none",
+                        max_retries=0, timeout=120)
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": list(_suffix(500 + i)), "max_tokens": 3, "temperature": 0}} for i in range(12)]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    file = api.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = api.batches.create(input_file_id=file.id, endpoint="/v1/completions", completion_window="24h")
+    deadline = time.monotonic() + 180
+    while (batch := api.batches.retrieve(batch.id)).status not in ("completed", "failed", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    assert batch.status == "completed" and batch.request_counts.completed == 12
+    out = {json.loads(x)["custom_id"]: json.loads(x) for x in api.files.content(batch.output_file_id).text.splitlines()}
+    assert sorted(out) == sorted(f"c{i}" for i in range(12))
+    one = api.completions.create(model="", **lines[0]["body"])
+    assert out["c0"]["response"]["body"]["choices"][0]["text"] == one.choices[0].text
+    store = RedisJobStore.from_url(redis.url)
+    try:
+        kept = store.get_job(batch.id)
+        assert kept is not None and kept.status == "completed" and len(store.results(batch.id)) == 12
+    finally:
+        store.close()
+    with Client(cluster.address, timeout=120) as client:
+        job = client.jobs.create([{"id": f"g{i}", "prompt_ids": list(_suffix(600 + i)), "max_tokens": 2,
+                                   "ignore_eos": True} for i in range(5)])
+        results = list(client.jobs.results(job.id))
+        assert sorted(r.custom_id for r in results) == [f"g{i}" for i in range(5)]
+        assert [r.offset for r in results] == list(range(5)) and all(len(r.completion.token_ids) == 2 for r in results)
+        assert client.jobs.get(job.id).status == "completed"
+
+
 def test_repeated_prefix_is_served_from_cache(cluster):
     first = _generate(cluster.address, PREFIX + _suffix(1))
     assert first.usage.cached_tokens == 0

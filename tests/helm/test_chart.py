@@ -361,6 +361,7 @@ NOT_FROM_VALUES = {
     "router.host": "always 0.0.0.0 in a pod",
     "redis.password": "a Secret's value never goes into the RayService; the URL carries ${REDIS_PASSWORD}",
     "router.tls": "the chart's tls-front sidecar terminates TLS (values tls.*), not `dsaserve serve`",
+    "router.jobs.store_url": "the chart keeps jobs in its Redis (redis_url, with its password and TLS)",
 }
 
 

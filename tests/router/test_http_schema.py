@@ -20,9 +20,9 @@ from router.http import build_app
 from workers.engine.config import EngineConfig
 
 
-# schemathesis loads its OpenAPI module lazily, through pytest's assertion rewriter (it is a plugin);
-# after earlier tests, CPython 3.11.7's ast.parse can fail there with "AST constructor recursion depth
-# mismatch", so the module is imported above, while collecting.
+# schemathesis loads its OpenAPI module lazily, through pytest's assertion rewriter (it is a plugin), so
+# the module is imported above, while collecting and before any engine thread runs (tests/conftest.py
+# tells why parsing beside such threads can fail).
 @pytest.fixture(scope="module")
 def openai_schema(tiny_dir, tokenizer):
     config = EngineConfig(max_model_len=48, num_blocks=64, block_size=16)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+JOIN_TIMEOUT_S = 60.0  # how long ranks may take to arrive, whatever the collectives' timeout
+
 
 class ExpertParallelError(RuntimeError):
     """An expert-parallel rank died, hung or fell out of step; the replica cannot run forwards."""
@@ -55,7 +57,8 @@ class EPGroup:
         backend: str = "gloo", device: torch.device | str = "cpu",
     ) -> "EPGroup":
         """Join the group (TCP rendezvous at ``address:port``, served by rank 0); waits at most
-        ``timeout_s`` for every rank to arrive."""
+        ``max(timeout_s, JOIN_TIMEOUT_S)`` for every rank to arrive (a rank that is still starting, its
+        imports on a loaded machine, is not a hung peer), then runs collectives under ``timeout_s``."""
         if size < 1 or not 0 <= rank < size:
             raise ValueError(f"rank {rank} is outside a group of {size}")
         group = cls(rank, size, timeout_s=timeout_s, device=device)
@@ -64,10 +67,10 @@ class EPGroup:
         if dist.is_initialized():
             raise ExpertParallelError("this process already belongs to a process group (one EP group per process)")
         try:
-            dist.init_process_group(
-                backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=size,
-                timeout=datetime.timedelta(seconds=timeout_s),
-            )
+            store = dist.TCPStore(address, port, world_size=size, is_master=rank == 0, wait_for_workers=True,
+                                  timeout=datetime.timedelta(seconds=max(timeout_s, JOIN_TIMEOUT_S)))
+            dist.init_process_group(backend, store=store, rank=rank, world_size=size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as e:  # DistStoreError is a RuntimeError
             raise ExpertParallelError(f"EP rank {rank}/{size}: could not join the group at {address}:{port} ({e})") from None
         group._initialized = True

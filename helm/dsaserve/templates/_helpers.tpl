@@ -170,7 +170,8 @@ groups. Argument: the kind's values (.Values.prefill or .Values.decode).
 {{- $v := .Values -}}
 {{- $router := dict "grpc_port" (int $v.router.grpc_port) "http_port" (int $v.router.http_port) "host" "0.0.0.0"
       "max_queue" (int $v.router.max_queue) "replicas" (int $v.router.replicas)
-      "startup_timeout_s" (float64 $v.router.startup_timeout_s) "limits" (include "dsaserve.limitArgs" . | fromYaml) -}}
+      "startup_timeout_s" (float64 $v.router.startup_timeout_s) "limits" (include "dsaserve.limitArgs" . | fromYaml)
+      "jobs" (dict "enabled" $v.router.jobs.enabled "limits" ($v.router.jobs.limits | default dict)) -}}
 {{- $routing := dict "policy" $v.routing.policy "alpha" (float64 $v.routing.alpha) "beta" (float64 $v.routing.beta)
       "local_prefill_max_tokens" (int $v.routing.local_prefill_max_tokens) "temperature_s" (float64 $v.routing.temperature_s) -}}
 {{- $args := dict "model" $v.model.path "transfer" $v.transfer "router" $router "routing" $routing
@@ -198,6 +199,7 @@ grpc_options:
   port: {{ include "dsaserve.serveGrpcPort" . }}
   grpc_servicer_functions:
     - router.proto.dsaserve.v1.dsaserve_pb2_grpc.add_DsaServeServicer_to_server
+    - router.proto.dsaserve.v1.dsaserve_pb2_grpc.add_BatchJobsServicer_to_server
     - grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server
 applications:
   - name: {{ .Values.app_name }}

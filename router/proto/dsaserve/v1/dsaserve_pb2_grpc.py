@@ -278,3 +278,265 @@ class DsaServe:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class BatchJobsStub:
+    """Durable batch jobs (the same jobs as the OpenAI Batch API on HTTP: /v1/files, /v1/batches). A job
+    survives router and worker restarts; each request's result is committed exactly once.
+    Errors: INVALID_ARGUMENT (a field, named as in Generate), NOT_FOUND (no such job for this caller),
+    RESOURCE_EXHAUSTED (too many unfinished jobs).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateJob = channel.unary_unary(
+                '/dsaserve.v1.BatchJobs/CreateJob',
+                request_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.CreateJobRequest.SerializeToString,
+                response_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/dsaserve.v1.BatchJobs/GetJob',
+                request_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/dsaserve.v1.BatchJobs/ListJobs',
+                request_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/dsaserve.v1.BatchJobs/CancelJob',
+                request_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.Job.FromString,
+                _registered_method=True)
+        self.StreamResults = channel.unary_stream(
+                '/dsaserve.v1.BatchJobs/StreamResults',
+                request_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.StreamResultsRequest.SerializeToString,
+                response_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.JobResult.FromString,
+                _registered_method=True)
+
+
+class BatchJobsServicer:
+    """Durable batch jobs (the same jobs as the OpenAI Batch API on HTTP: /v1/files, /v1/batches). A job
+    survives router and worker restarts; each request's result is committed exactly once.
+    Errors: INVALID_ARGUMENT (a field, named as in Generate), NOT_FOUND (no such job for this caller),
+    RESOURCE_EXHAUSTED (too many unfinished jobs).
+    """
+
+    def CreateJob(self, request, context):
+        """A job from inline requests (request_id is each one's custom id, unique in the job; empty:
+        "line-N") or from an uploaded OpenAI batch file (input_file_id, endpoint).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Stops new requests; finished results stay. A finished job is returned unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamResults(self, request, context):
+        """Results in commit order from `offset` (each result's offset is its place in that order), as they
+        are committed, until the job has ended. A client that read up to offset N resumes with N + 1.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BatchJobsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJob,
+                    request_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.CreateJobRequest.FromString,
+                    response_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.GetJobRequest.FromString,
+                    response_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.ListJobsRequest.FromString,
+                    response_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.CancelJobRequest.FromString,
+                    response_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.Job.SerializeToString,
+            ),
+            'StreamResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamResults,
+                    request_deserializer=dsaserve_dot_v1_dot_dsaserve__pb2.StreamResultsRequest.FromString,
+                    response_serializer=dsaserve_dot_v1_dot_dsaserve__pb2.JobResult.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'dsaserve.v1.BatchJobs', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('dsaserve.v1.BatchJobs', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class BatchJobs:
+    """Durable batch jobs (the same jobs as the OpenAI Batch API on HTTP: /v1/files, /v1/batches). A job
+    survives router and worker restarts; each request's result is committed exactly once.
+    Errors: INVALID_ARGUMENT (a field, named as in Generate), NOT_FOUND (no such job for this caller),
+    RESOURCE_EXHAUSTED (too many unfinished jobs).
+    """
+
+    @staticmethod
+    def CreateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsaserve.v1.BatchJobs/CreateJob',
+            dsaserve_dot_v1_dot_dsaserve__pb2.CreateJobRequest.SerializeToString,
+            dsaserve_dot_v1_dot_dsaserve__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsaserve.v1.BatchJobs/GetJob',
+            dsaserve_dot_v1_dot_dsaserve__pb2.GetJobRequest.SerializeToString,
+            dsaserve_dot_v1_dot_dsaserve__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsaserve.v1.BatchJobs/ListJobs',
+            dsaserve_dot_v1_dot_dsaserve__pb2.ListJobsRequest.SerializeToString,
+            dsaserve_dot_v1_dot_dsaserve__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsaserve.v1.BatchJobs/CancelJob',
+            dsaserve_dot_v1_dot_dsaserve__pb2.CancelJobRequest.SerializeToString,
+            dsaserve_dot_v1_dot_dsaserve__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dsaserve.v1.BatchJobs/StreamResults',
+            dsaserve_dot_v1_dot_dsaserve__pb2.StreamResultsRequest.SerializeToString,
+            dsaserve_dot_v1_dot_dsaserve__pb2.JobResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
