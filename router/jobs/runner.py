@@ -15,6 +15,9 @@ number, so interactive requests would still wait behind a full batch of job line
 at most ``JobLimits.concurrency`` lines of all jobs are in flight while no interactive request is (one
 of a priority ahead of the jobs', as the backend counts them), and ``JobLimits.concurrency_busy`` from when one
 is until ``BUSY_HOLD_S`` after the last one, so that jobs fill the capacity interactive traffic leaves.
+``concurrency_busy`` 0 (the default) pauses jobs while busy, except one line every ``BUSY_TRICKLE_S``
+so that no job stops: on a small machine even one job line beside an interactive request slows its
+first token by half (docs/benchmarks.md, batch jobs).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ EXPIRE_EVERY_S = 5.0
 LEASE_S = 30.0
 CHUNK = 256  # lines read from the store at once
 BUSY_HOLD_S = 1.0
+BUSY_TRICKLE_S = 1.0
 WINDOW_POLL_S = 0.02
 
 
@@ -81,6 +85,7 @@ class JobRunner:
         self._running = 0  # lines in flight, all jobs
         self._freed = asyncio.Event()
         self._busy_until = 0.0
+        self._last_start = 0.0
         self._jobs: dict[str, asyncio.Task] = {}
         self._loop_task: asyncio.Task | None = None
         self._next_expiry = 0.0
@@ -176,6 +181,7 @@ class JobRunner:
                         if await self._cancelled(job.id):
                             return
                     self._running += 1
+                    self._last_start = time.monotonic()
                     task = asyncio.create_task(self._run_one(job, line))
                     running.add(task)
                     task.add_done_callback(running.discard)
@@ -188,8 +194,12 @@ class JobRunner:
         ahead = ahead_in_flight(self.frontend.backend, self.limits.priority)
         if ahead:
             self._busy_until = time.monotonic() + BUSY_HOLD_S
-        busy = time.monotonic() < self._busy_until
-        return self.limits.concurrency_busy if busy else self.limits.concurrency
+        if time.monotonic() >= self._busy_until:
+            return self.limits.concurrency
+        if self.limits.concurrency_busy:
+            return self.limits.concurrency_busy
+        # Paused while busy, but one line per BUSY_TRICKLE_S keeps every job moving.
+        return 1 if time.monotonic() - self._last_start >= BUSY_TRICKLE_S else 0
 
     async def _room(self) -> None:
         while self._running >= self.window():
@@ -197,6 +207,17 @@ class JobRunner:
             await _wait(self._freed, WINDOW_POLL_S)
 
     async def _run_one(self, job: Job, line: JobLine) -> None:
+        """Run a line until it has a result, and commit it. Its place in the window is given back once
+        the engines are done with it, before the commit: the window bounds engine work."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._running -= 1
+                self._freed.set()
+
         try:
             while True:
                 try:
@@ -207,11 +228,11 @@ class JobRunner:
                         return
                     await asyncio.sleep(min(r.wait_s, 1.0))
                     continue
+                release()
                 await asyncio.to_thread(self.store.commit, job.id, result)
                 return
         finally:
-            self._running -= 1
-            self._freed.set()
+            release()
 
     async def _finish(self, job_id: str) -> None:
         """Write the output files and end the job (completed, or cancelled after a cancel)."""

@@ -43,7 +43,8 @@ class JobLimits(BaseModel):
     max_line_chars: int = Field(1 << 20, ge=1, description="characters of one input line")
     retention_s: float = Field(7 * 86400.0, gt=0, description="a finished job and its files are kept this long")
     concurrency: int = Field(64, ge=1, description="lines of all jobs in flight at once on this server")
-    concurrency_busy: int = Field(2, ge=1, description="the same while interactive requests are in flight")
+    concurrency_busy: int = Field(0, ge=0, description="the same while interactive requests are in flight (0: "
+                                  "paused, but one line a second, so that no job stops)")
     priority: int = Field(10, description="engine priority of job lines (interactive requests: 0; lower runs first)")
 
 
