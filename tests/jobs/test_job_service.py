@@ -144,3 +144,46 @@ async def _gone(service: JobService, job_id: str) -> bool:
     except JobError:
         return True
     return False
+
+
+def test_jobs_in_flight_limit_refuses_with_429(backend, loop, tmp_path: Path) -> None:
+    async def run() -> None:
+        service = JobService(SQLiteJobStore(tmp_path / "jobs.sqlite3"), Frontend(backend, None),
+                             JobLimits(max_jobs_in_flight=1), poll_s=0.05)  # not started: jobs stay unfinished
+        try:
+            await service.create(endpoint="dsaserve.v1.GenerateRequest", requests=requests(2), tenant="")
+            with pytest.raises(JobError) as e:
+                await service.create(endpoint="dsaserve.v1.GenerateRequest", requests=requests(2), tenant="")
+            assert e.value.status == 429 and "at most 1" in e.value.message
+        finally:
+            await service.close()
+
+    loop.run_until_complete(run())
+
+
+def test_with_api_keys_jobs_and_files_belong_to_their_key(backend, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from router.http import build_app
+
+    service = JobService(SQLiteJobStore(tmp_path / "jobs.sqlite3"), Frontend(backend, None), JobLimits())
+    app = build_app(Frontend(backend, None), api_keys=frozenset({"key-a", "key-b"}), jobs=service)
+    line = b'{"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"prompt": [1, 2]}}\n'
+    with TestClient(app) as http:
+        a, b = ({"Authorization": f"Bearer {k}"} for k in ("key-a", "key-b"))
+        assert http.post("/v1/files", files={"file": ("in.jsonl", line)}, data={"purpose": "batch"}).status_code == 401
+        file = http.post("/v1/files", headers=a, files={"file": ("in.jsonl", line)}, data={"purpose": "batch"}).json()
+        assert http.get(f"/v1/files/{file['id']}/content", headers=a).content == line
+        assert http.get(f"/v1/files/{file['id']}/content", headers=b).status_code == 404
+        body = {"input_file_id": file["id"], "endpoint": "/v1/completions", "completion_window": "24h"}
+        assert http.post("/v1/batches", headers=b, json=body).status_code == 404  # not b's file
+        batch = http.post("/v1/batches", headers=a, json=body).json()
+        assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 1
+        assert http.get(f"/v1/batches/{batch['id']}", headers=b).status_code == 404
+        assert http.post(f"/v1/batches/{batch['id']}/cancel", headers=b).status_code == 404
+        assert [x["id"] for x in http.get("/v1/batches", headers=a).json()["data"]] == [batch["id"]]
+        assert http.get("/v1/batches", headers=b).json()["data"] == []
+        assert [f["id"] for f in http.get("/v1/files", headers=b).json()["data"]] == []
+        unknown = http.post("/v1/batches", headers=a, json={**body, "priority": 1})
+        assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "priority"
+    service.store.close()
