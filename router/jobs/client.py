@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,17 +57,20 @@ class JobResult:
 
 
 class JobsClient:
-    def __init__(self, channel: grpc.Channel, metadata: Any, timeout: float | None, error_type: Any) -> None:
+    def __init__(self, channel: grpc.Channel, metadata: Any, timeout: float | None, error_type: Any,
+                 from_json: Callable[[Mapping[str, Any]], CompletionRequest]) -> None:
         self._stub = pb_grpc.BatchJobsStub(channel)
         self._metadata = metadata
         self._timeout = timeout
-        self._error = error_type  # DsaServeError (router.client), passed in to avoid a cycle
+        # router.client's DsaServeError and request reader, passed in: that module imports this one.
+        self._error = error_type
+        self._from_json = from_json
 
     def create(self, requests: Iterable[CompletionRequest | Mapping[str, Any]],
                metadata: Mapping[str, str] | None = None) -> JobInfo:
         """A job of these requests (dicts as ``CompletionRequest.from_json`` reads them; ``id`` is the
         custom id). Raises DsaServeError."""
-        msgs = [wire.request_to_proto(r if isinstance(r, CompletionRequest) else _from_json(r, self._error))
+        msgs = [wire.request_to_proto(r if isinstance(r, CompletionRequest) else self._from_json(r))
                 for r in requests]
         return self._call(self._stub.CreateJob, pb.CreateJobRequest(requests=msgs, metadata=dict(metadata or {})))
 
@@ -112,11 +115,3 @@ class JobsClient:
         except grpc.RpcError as e:
             raise self._error.from_rpc_error(e) from None
 
-
-def _from_json(d: Mapping[str, Any], error_type: Any) -> CompletionRequest:
-    from workers.engine.types import RequestError
-
-    try:
-        return CompletionRequest.from_json(d)
-    except RequestError as e:
-        raise error_type(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field) from None

@@ -5,14 +5,12 @@ from __future__ import annotations
 import grpc
 
 from router import wire
-from router.jobs.lines import completion_from_json
+from router.jobs.lines import GRPC_CODES, completion_from_json
 from router.jobs.service import JobError, JobService, tenant_of
 from router.jobs.types import Job, LineResult
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
 from router.proto.dsaserve.v1 import dsaserve_pb2_grpc as pb_grpc
 
-# JobError's HTTP statuses as gRPC codes.
-_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED"}
 DEFAULT_LIST_LIMIT = 20
 
 
@@ -35,11 +33,9 @@ def result_to_proto(r: LineResult) -> pb.JobResult:
 
 
 def _grpc_code(error: dict) -> str:
+    """A stored error's gRPC code: its own code when it is one, else the one of its HTTP status."""
     code = error.get("code") or ""
-    if code.isupper():
-        return code
-    return {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}.get(
-        error.get("status", 500), "INTERNAL")
+    return code if code.isupper() else GRPC_CODES.get(error.get("status", 500), "INTERNAL")
 
 
 class BatchJobsServicer(pb_grpc.BatchJobsServicer):
@@ -104,5 +100,5 @@ class BatchJobsServicer(pb_grpc.BatchJobsServicer):
 async def _abort(context, e: JobError) -> None:
     metadata = ((wire.FIELD_KEY, e.field),) if e.field else ()
     message = f"{e.field}: {e.message}" if e.field else e.message
-    await context.abort(getattr(grpc.StatusCode, _CODES.get(e.status, "INTERNAL")), message,
+    await context.abort(getattr(grpc.StatusCode, GRPC_CODES.get(e.status, "INTERNAL")), message,
                         trailing_metadata=metadata)

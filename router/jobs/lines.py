@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from router.backend import AdmissionError, BackendUnavailable
 from router.frontend import Completion, CompletionRequest, Frontend
 from router.http.convert import Converted, chat_request, completion_request, openai_names
-from router.http.errors import APIError, to_api_error
+from router.http.errors import APIError, to_api_error, validation_error
 from router.http.openai_types import ChatCompletionBody, CompletionBody
 from router.http.responses import ResponseFormat
 from router.jobs.types import GRPC_LINE, Job, JobLimits, JobLine, LineResult
@@ -155,10 +155,7 @@ async def _openai(frontend: Frontend, line: JobLine, model_id: str, tenant: str 
     try:
         body = body_type.model_validate(line.body)
     except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ())) or None
-        kind = "unknown parameter" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid value")
-        raise APIError(400, f"{param or 'body'}: {kind}", param=param) from None
+        raise validation_error(e.errors()) from None
     if body.stream:
         raise APIError(400, "stream: a batch line cannot stream", param="stream")
     if body.model and body.model != model_id:

