@@ -98,20 +98,21 @@ def test_status_counts_transferred_bytes_and_nothing_leaks(cluster, cluster_ckpt
         for prompt in prompts:
             completion = client.generate(prompt_ids=list(prompt), max_tokens=4, ignore_eos=True)
             assert completion.finish_reason == "length" and completion.usage.cached_tokens == 0
+    want = {"bytes": expected, "transfers": len(prompts), "failures": 0, "decoded": len(prompts),
+            "prefilled": len(prompts), "routed": len(prompts)}
     deadline = time.monotonic() + 20
-    while True:
+    while True:  # workers publish their counters periodically: wait until every one has caught up
         status = _status(cluster.address)
         now = totals(status)
         idle = all(w["running"] == 0 and w["free_blocks"] == w["total_blocks"] for w in status["workers"])
-        if (now["bytes"] - before["bytes"] == expected and idle) or time.monotonic() > deadline:
+        if ({k: now[k] - before[k] for k in now} == want and idle) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     decode = [w for w in status["workers"] if w["role"] == "decode"]
     assert status["mode"] == "cluster" and len(decode) == 2 and len(status["workers"]) == 3
     assert all(w["kv_transfer"]["backend"] == cluster.transfer for w in decode)
     rose = {k: now[k] - before[k] for k in now}
-    assert rose == {"bytes": expected, "transfers": len(prompts), "failures": 0, "decoded": len(prompts),
-                    "prefilled": len(prompts), "routed": len(prompts)}, (before, now)
+    assert rose == want, (before, now)
     assert expected > 0
     assert idle, status  # every lease released, every block back in the pool
     assert status["router"]["in_flight"] == 0
