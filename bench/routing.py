@@ -39,17 +39,21 @@ import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 
 from kvstore.index import BlockLocations
+from router.cost_model import DSACostModel
+from router.pending import PendingRoutes
 from router.policy import (
-    POLICIES, DecodeCandidate, PrefillCandidate, RouteRequest, RoutingConfig, make_policy,
+    POLICIES, DecodeCandidate, PeerPull, PrefillCandidate, PullSource, RouteRequest, RoutingConfig, make_policy,
 )
 
 TRACE_BLOCK = 512  # tokens per hash id in the Mooncake trace
 # The shared reference data sits beside the project checkout (../shared/data from the project root).
 DEFAULT_TRACE = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake" / "conversation_trace.jsonl")
+NO_PULLS = "dsaserve (no pulls)"  # the table's variant row: dsaserve with ``peer_pulls=False``
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,10 @@ class SimConfig:
     utilization: float = 0.85  # ρ: no-cache prefill work / cluster capacity
     jitter: float = 0.1
     seed: int = 0
+    link_bytes_per_s: float = 25e9  # KV link between any two workers: one 200 Gb/s NIC (peer pulls)
+    index_lag_s: float = 0.0  # a worker's stored/removed blocks reach the router's index this late
+    pending_routes: bool = False  # the router remembers the blocks it routed (router.pending)
+    pending_ttl_s: float = 10.0  # ... while in flight and this long after the prefill
 
 
 def load_trace(path: str | Path) -> list[TraceRequest]:
@@ -101,11 +109,38 @@ def ceiling_hit_rate(trace: Sequence[TraceRequest]) -> float:
     return hit / max(1, total)
 
 
-class LRUCache:
-    """A worker's prefix cache; every change is published to the shared index, as workers do."""
+class MemoCostModel(DSACostModel):
+    """``DSACostModel`` with ``prefill_s`` memoized (a pure function; the policy calls it per candidate)."""
 
-    def __init__(self, worker_id: str, capacity: int, index: BlockLocations) -> None:
-        self.worker_id, self.capacity, self.index = worker_id, capacity, index
+    @classmethod
+    def of(cls, model: DSACostModel) -> "MemoCostModel":
+        return model if isinstance(model, cls) else cls(**{f.name: getattr(model, f.name) for f in fields(model)})
+
+    @cached_property
+    def _memo(self) -> dict[tuple[int, int], float]:
+        return {}
+
+    def prefill_s(self, new_tokens: int, cached_tokens: int = 0) -> float:
+        key = (new_tokens, cached_tokens)
+        memo = self._memo
+        if key not in memo:
+            if len(memo) > 1 << 20:
+                memo.clear()
+            memo[key] = super().prefill_s(new_tokens, cached_tokens)
+        return memo[key]
+
+
+def publish_now(index: BlockLocations, worker_id: str, stored: list[int], removed: list[int]) -> None:
+    index.store(worker_id, 1, stored)
+    index.remove(worker_id, 1, removed)
+
+
+class LRUCache:
+    """A worker's prefix cache; every change is published to the shared index, as workers do
+    (``publish``: at once by default; the simulation may delay it, see ``SimConfig.index_lag_s``)."""
+
+    def __init__(self, worker_id: str, capacity: int, index: BlockLocations, publish=publish_now) -> None:
+        self.worker_id, self.capacity, self.index, self.publish = worker_id, capacity, index, publish
         self.blocks: OrderedDict[int, None] = OrderedDict()
 
     def match(self, hash_ids: Sequence[int]) -> int:
@@ -122,11 +157,10 @@ class LRUCache:
         for h in hash_ids:
             self.blocks[h] = None
             self.blocks.move_to_end(h)
-        self.index.store(self.worker_id, 1, new)
         evicted = []
         while len(self.blocks) > self.capacity:
             evicted.append(self.blocks.popitem(last=False)[0])
-        self.index.remove(self.worker_id, 1, evicted)
+        self.publish(self.index, self.worker_id, new, evicted)
 
 
 @dataclass
@@ -137,6 +171,8 @@ class Job:
     est_s: float
     est_tokens: int
     arrive_s: float  # simulated time
+    pull: PeerPull | None = None
+    export_ready_s: float = 0.0  # the holder has leased the prefix (after its current step)
 
 
 @dataclass
@@ -149,21 +185,34 @@ class Server:
     current: Job | None = None
     queued_s: float = 0.0  # estimates of waiting jobs
     queued_tokens: int = 0
+    active_blocks: int = 0  # prompt blocks of waiting and running jobs
     busy_s: float = 0.0
     served: int = 0
     running: int = 0  # decode sequences (decode workers only)
     used_blocks: int = 0
 
+    @property
+    def load_tokens(self) -> int:
+        """Uncached tokens waiting or running (what a worker's stats plus the router's count report)."""
+        return self.queued_tokens + (self.current.est_tokens if self.current else 0)
+
 
 class Simulation:
     def __init__(self, trace: Sequence[TraceRequest], policy_name: str, cfg: SimConfig, routing: RoutingConfig) -> None:
+        routing = replace(routing, cost=MemoCostModel.of(routing.cost))  # same numbers, computed once
         self.trace, self.cfg, self.cost = trace, cfg, routing.cost
         self.policy = make_policy(policy_name, routing, random.Random(cfg.seed))
         self.rng = random.Random(cfg.seed + 1)
         self.index, self.dindex = BlockLocations(), BlockLocations()
-        self.prefill = {f"p{i}": Server(LRUCache(f"p{i}", cfg.cache_blocks, self.index)) for i in range(cfg.workers)}
+        publish = self.publish_later if cfg.index_lag_s > 0 else publish_now
+        self.prefill = {f"p{i}": Server(LRUCache(f"p{i}", cfg.cache_blocks, self.index, publish))
+                        for i in range(cfg.workers)}
         nd = cfg.decode_workers or cfg.workers
-        self.decode = {f"d{i}": Server(LRUCache(f"d{i}", cfg.decode_cache_blocks, self.dindex)) for i in range(nd)}
+        self.decode = {f"d{i}": Server(LRUCache(f"d{i}", cfg.decode_cache_blocks, self.dindex, publish))
+                       for i in range(nd)}
+        self.now = 0.0
+        self.pending = PendingRoutes(cfg.pending_ttl_s, clock=lambda: self.now) if cfg.pending_routes else None
+        self.block_bytes = self.cost.kv_bytes_per_token * TRACE_BLOCK
         span = max(1e-9, trace[-1].arrival_s - trace[0].arrival_s)
         work = sum(self.cost.prefill_s(r.input_length) for r in trace)
         self.speedup = cfg.utilization * cfg.workers * span / work
@@ -171,11 +220,18 @@ class Simulation:
         self.seq = 0
         self.ttft: list[float] = []
         self.hit_blocks = self.req_blocks = self.local = 0
+        self.pulls_planned = self.pulls = self.pulled_blocks = self.pull_blocks_moved = self.pull_short = 0
+        self.pull_bytes = self.handoff_bytes = 0
+        self.pull_s = 0.0
         self.reasons: dict[str, int] = {}
 
     def push(self, t: float, kind: str, payload: object) -> None:
         self.seq += 1
         heapq.heappush(self.events, (t, self.seq, kind, payload))
+
+    def publish_later(self, index: BlockLocations, worker_id: str, stored: list[int], removed: list[int]) -> None:
+        if stored or removed:  # workers publish in batches: the router learns of the change late
+            self.push(self.now + self.cfg.index_lag_s, "publish", (index, worker_id, stored, removed))
 
     def run(self) -> dict:
         t0 = self.trace[0].arrival_s
@@ -183,52 +239,108 @@ class Simulation:
             self.push((r.arrival_s - t0) / self.speedup, "arrive", rid)
         while self.events:
             now, _, kind, payload = heapq.heappop(self.events)
+            self.now = now
             if kind == "arrive":
                 self.arrive(now, payload)  # type: ignore[arg-type]
             elif kind == "prefill_done":
                 self.finish_prefill(now, *payload)  # type: ignore[misc]
+            elif kind == "publish":
+                publish_now(*payload)  # type: ignore[misc]
             else:
                 srv, blocks = payload  # type: ignore[misc]
                 srv.running -= 1
                 srv.used_blocks -= blocks
         return self.report()
 
-    def prefill_candidates(self, now: float, r: TraceRequest) -> list[PrefillCandidate]:
-        """What the router sees: index matches, and the load a worker reports (its own estimate)."""
-        matches = self.index.longest_prefix(r.hash_ids, self.prefill)
-        out = []
-        for w, s in self.prefill.items():
-            jobs = [*s.queue, *([s.current] if s.current else [])]
-            out.append(PrefillCandidate(
-                w, matched_blocks=matches[w][0], queued_tokens=s.queued_tokens,
-                queued_s=s.queued_s + max(0.0, s.busy_until - now), running=len(jobs),
-                cached_blocks=len(s.cache.blocks), active_blocks=sum(len(j.req.hash_ids) for j in jobs)))
-        return out
+    def matches(self, r: TraceRequest) -> tuple[dict[str, int], dict[str, int]]:
+        """Per prefill and per decode worker: the leading prompt blocks the router believes it holds
+        (the KV index, extended by pending routes when the router keeps them)."""
+        pm = {w: m[0] for w, m in self.index.longest_prefix(r.hash_ids, self.prefill).items()}
+        dm = {w: m[0] for w, m in self.dindex.longest_prefix(r.hash_ids, self.decode).items()}
+        if self.pending is not None:
+            pm = self.pending.extend(r.hash_ids, pm, self.prefill)
+            dm = self.pending.extend(r.hash_ids, dm, self.decode)
+        return pm, dm
 
-    def decode_candidates(self, r: TraceRequest) -> list[DecodeCandidate]:
-        matches = self.dindex.longest_prefix(r.hash_ids, self.decode)
+    def prefill_candidates(self, now: float, matched: dict[str, int]) -> list[PrefillCandidate]:
+        """What the router sees: index matches, and the load a worker reports (its own estimate)."""
+        return [PrefillCandidate(
+            w, matched_blocks=matched[w], queued_tokens=s.queued_tokens,
+            queued_s=s.queued_s + max(0.0, s.busy_until - now), running=len(s.queue) + (s.current is not None),
+            cached_blocks=len(s.cache.blocks), active_blocks=s.active_blocks) for w, s in self.prefill.items()]
+
+    def decode_candidates(self, matched: dict[str, int]) -> list[DecodeCandidate]:
         cfg = self.cfg
         return [DecodeCandidate(
             w, free_blocks=cfg.decode_blocks - s.used_blocks if s.running < cfg.decode_max_running else 0,
-            total_blocks=cfg.decode_blocks, running=s.running, matched_blocks=matches[w][0],
+            total_blocks=cfg.decode_blocks, running=s.running, matched_blocks=matched[w],
             queued_prefill_tokens=s.queued_tokens) for w, s in self.decode.items()]
+
+    def pull_sources(self, pm: dict[str, int], dm: dict[str, int]) -> list[PullSource]:
+        """Every worker, prefill or decode, the router believes holds a leading part of the prompt."""
+        out = []
+        for matched, servers in ((pm, self.prefill), (dm, self.decode)):
+            for w, n in matched.items():
+                if n > 0:
+                    s = servers[w]
+                    out.append(PullSource(w, n, s.queued_tokens + (s.current.est_tokens if s.current else 0)))
+        return out
+
+    def server(self, worker_id: str) -> Server:
+        return self.prefill[worker_id] if worker_id in self.prefill else self.decode[worker_id]
 
     def arrive(self, now: float, rid: int) -> None:
         r = self.trace[rid]
-        req = RouteRequest(r.input_length, TRACE_BLOCK, r.output_length)
-        d = self.policy.route(req, self.prefill_candidates(now, r), self.decode_candidates(r))
+        pm, dm = self.matches(r)
+        sources = self.pull_sources(pm, dm)
+        req = RouteRequest(r.input_length, TRACE_BLOCK, r.output_length, block_bytes=self.block_bytes,
+                           link_bytes_per_s=self.cfg.link_bytes_per_s)
+        d = self.policy.route(req, self.prefill_candidates(now, pm), self.decode_candidates(dm), sources=sources)
         self.reasons[d.reason] = self.reasons.get(d.reason, 0) + 1
         cached = d.expected_cached_tokens
         slow = 1.0 if d.prefill_worker is not None else self.cfg.local_prefill_slowdown
         est = self.cost.prefill_s(r.input_length - cached, cached) * slow
         srv = self.prefill[d.prefill_worker] if d.prefill_worker is not None else self.decode[d.decode_worker]
         self.local += d.prefill_worker is None
-        job = Job(r, rid, d.decode_worker, est, r.input_length - cached, now)
+        job = Job(r, rid, d.decode_worker, est, r.input_length - cached, now, d.pull)
+        if d.pull is not None:
+            self.pulls_planned += 1
+            src = next(s for s in sources if s.worker_id == d.pull.source)
+            job.export_ready_s = now + self.policy.pull_s(req, src, 0)  # type: ignore[attr-defined]
+        if self.pending is not None:
+            for w in {d.prefill_worker or d.decode_worker, d.decode_worker}:
+                self.pending.record(str(rid), w, r.hash_ids)
         srv.queue.append(job)
         srv.queued_s += est
         srv.queued_tokens += job.est_tokens
+        srv.active_blocks += len(r.hash_ids)
         if srv.current is None:
             self.start(now, srv)
+
+    def pull(self, now: float, srv: Server, job: Job, hit: int) -> tuple[int, float]:
+        """Carry out ``job``'s planned pull as ``srv`` starts it: read the leading blocks of the planned
+        range that the source still holds *now* and ``srv`` lacks. Returns (blocks now cached, seconds)."""
+        assert job.pull is not None
+        r, p = job.req, job.pull
+        wait = max(0.0, job.export_ready_s - now)  # the export waited for the holder's current step
+        want = r.hash_ids[p.first_block:p.first_block + p.num_blocks]
+        held = self.server(p.source).cache.match(want)  # what survived in the source's LRU (touched)
+        self.pull_short += held < len(want)
+        got = want[:held]
+        missing = [p.first_block + i for i, h in enumerate(got) if h not in srv.cache.blocks]
+        moved = len(missing)
+        if moved == 0:
+            return hit, wait
+        nbytes = moved * self.block_bytes
+        seconds = wait + nbytes / self.cfg.link_bytes_per_s
+        srv.cache.insert(got)
+        now_hit = srv.cache.match(r.hash_ids)
+        self.pulls += 1
+        self.pull_blocks_moved += moved
+        self.pulled_blocks += sum(i < now_hit for i in missing)  # moved blocks in the reused prefix
+        self.pull_bytes += nbytes
+        self.pull_s += seconds
+        return now_hit, seconds
 
     def start(self, now: float, srv: Server) -> None:
         job = srv.queue.popleft()
@@ -236,12 +348,15 @@ class Simulation:
         srv.queued_tokens -= job.est_tokens
         r = job.req
         hit = srv.cache.match(r.hash_ids)  # what is cached now, not what the router expected
+        transfer = 0.0
+        if job.pull is not None:
+            hit, transfer = self.pull(now, srv, job, hit)
         cached = max(0, min(hit * TRACE_BLOCK, r.input_length - 1))
         self.hit_blocks += hit
         self.req_blocks += len(r.hash_ids)
         slow = self.cfg.local_prefill_slowdown if srv.cache.index is self.dindex else 1.0
         service = self.cost.prefill_s(r.input_length - cached, cached) * slow
-        service *= self.rng.lognormvariate(0.0, self.cfg.jitter)
+        service = transfer + service * self.rng.lognormvariate(0.0, self.cfg.jitter)
         srv.current, srv.busy_until = job, now + service
         srv.busy_s += service
         self.push(now + service, "prefill_done", (srv, job))
@@ -249,10 +364,14 @@ class Simulation:
     def finish_prefill(self, now: float, srv: Server, job: Job) -> None:
         srv.current = None
         srv.served += 1
+        srv.active_blocks -= len(job.req.hash_ids)
         srv.cache.insert(job.req.hash_ids)
+        if self.pending is not None:
+            self.pending.finish(str(job.rid))
         self.ttft.append(now - job.arrive_s)
         dec = self.decode[job.decode]
-        if srv is not dec:
+        if srv is not dec:  # the hand-off: the decode worker reads the prompt's blocks it lacks
+            self.handoff_bytes += sum(h not in dec.cache.blocks for h in job.req.hash_ids) * self.block_bytes
             dec.cache.insert(job.req.hash_ids)  # the decode worker now holds the prompt's blocks
         blocks = -(-(job.req.input_length + job.req.output_length) // TRACE_BLOCK)
         dec.running += 1
@@ -269,11 +388,17 @@ class Simulation:
         local_busy = sum(s.busy_s for s in self.decode.values())
         return {
             "hit_rate": self.hit_blocks / max(1, self.req_blocks),
-            "ttft_p50_s": q(0.50), "ttft_p99_s": q(0.99), "ttft_mean_s": sum(ttft) / len(ttft),
+            "ttft_p50_s": q(0.50), "ttft_p90_s": q(0.90), "ttft_p99_s": q(0.99), "ttft_mean_s": sum(ttft) / len(ttft),
             "max_mean_load": max(busy) / mean_busy if mean_busy > 0 else 1.0,
             "requests": len(ttft), "local_prefill_fraction": self.local / max(1, len(ttft)),
             "local_prefill_work_share": local_busy / max(1e-9, local_busy + sum(busy)),
             "speedup": self.speedup, "prefill_busy_fraction": sum(busy) / (len(busy) * max(1e-9, self.last_time())),
+            "pulls_planned": self.pulls_planned, "pulls": self.pulls, "pulls_short": self.pull_short,
+            "pulled_blocks": self.pulled_blocks, "pull_blocks_moved": self.pull_blocks_moved,
+            "pulled_fraction": self.pulled_blocks / max(1, self.req_blocks),
+            "pull_bytes": self.pull_bytes, "handoff_bytes": self.handoff_bytes,
+            "kv_moved_gb": (self.pull_bytes + self.handoff_bytes) / 1e9,
+            "pull_s_mean": self.pull_s / max(1, self.pulls),
             "reasons": dict(sorted(self.reasons.items())),
         }
 
@@ -281,28 +406,72 @@ class Simulation:
         return (self.trace[-1].arrival_s - self.trace[0].arrival_s) / self.speedup
 
 
-def run(trace: Sequence[TraceRequest], policy: str, cfg: SimConfig, routing: RoutingConfig | None = None) -> dict:
+def run(trace: Sequence[TraceRequest], policy: str, cfg: SimConfig, routing: RoutingConfig | None = None,
+        label: str | None = None) -> dict:
+    """One simulation; ``label`` names the row (default: the policy)."""
     t = time.perf_counter()
-    out = Simulation(trace, policy, cfg, routing or RoutingConfig()).run()
+    routing = routing or RoutingConfig()
+    out = Simulation(trace, policy, cfg, routing).run()
     ceiling = ceiling_hit_rate(trace)
-    out.update(policy=policy, workers=cfg.workers, ceiling_hit_rate=ceiling,
+    out.update(policy=label or policy, workers=cfg.workers, ceiling_hit_rate=ceiling,
                hit_rate_vs_ceiling=out["hit_rate"] / ceiling if ceiling else None,
-               utilization=cfg.utilization, cache_blocks=cfg.cache_blocks, wall_s=time.perf_counter() - t)
+               utilization=cfg.utilization, cache_blocks=cfg.cache_blocks,
+               peer_pulls=policy == "dsaserve" and routing.peer_pulls, link_bytes_per_s=cfg.link_bytes_per_s,
+               index_lag_s=cfg.index_lag_s, pending_routes=cfg.pending_routes, wall_s=time.perf_counter() - t)
     return out
+
+
+def run_all(trace: Sequence[TraceRequest], cfg: SimConfig, routing: RoutingConfig) -> list[dict]:
+    """Every policy, plus dsaserve without peer pulls right after dsaserve (when pulls are on)."""
+    rows = []
+    for name in POLICIES:
+        rows.append(run(trace, name, cfg, routing))
+        if name == "dsaserve" and routing.peer_pulls:
+            rows.append(run(trace, name, cfg, replace(routing, peer_pulls=False), label=NO_PULLS))
+    return rows
 
 
 def markdown(rows: list[dict]) -> str:
     rr = next((r for r in rows if r["policy"] == "round_robin"), None)
     head = rows[0]
+    lag = f", index lag {head['index_lag_s']} s" if head["index_lag_s"] else ""
+    lag += ", pending routes" if head["pending_routes"] else ""
     lines = [f"Trace ceiling (one infinite cache): {head['ceiling_hit_rate']:.1%} of blocks; {head['workers']} "
-             f"prefill workers, ρ = {head['utilization']}, arrivals {head['speedup']:.2f}× faster", "",
-             "| policy | hit rate | of ceiling | TTFT p50 (s) | TTFT p99 (s) | p50 vs round-robin | max/mean load |",
-             "|---|---|---|---|---|---|---|"]
+             f"prefill workers, ρ = {head['utilization']}, arrivals {head['speedup']:.2f}× faster, "
+             f"link {head['link_bytes_per_s'] / 1e9:g} GB/s{lag}", "",
+             "| policy | hit rate | of ceiling | pulled | TTFT p50 (s) | TTFT p90 (s) | TTFT p99 (s) "
+             "| p50 vs round-robin | max/mean load | pulls (GB) | hand-off (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gain = f"{rr['ttft_p50_s'] / r['ttft_p50_s']:.2f}×" if rr else "—"
-        lines.append(f"| {r['policy']} | {r['hit_rate']:.1%} | {r['hit_rate_vs_ceiling']:.0%} | {r['ttft_p50_s']:.3f} | "
-                     f"{r['ttft_p99_s']:.2f} | {gain} | {r['max_mean_load']:.2f} |")
+        lines.append(f"| {r['policy']} | {r['hit_rate']:.1%} | {r['hit_rate_vs_ceiling']:.0%} | "
+                     f"{r['pulled_fraction']:.1%} | {r['ttft_p50_s']:.3f} | {r['ttft_p90_s']:.2f} | "
+                     f"{r['ttft_p99_s']:.2f} | {gain} | {r['max_mean_load']:.2f} | {r['pull_bytes'] / 1e9:,.0f} | "
+                     f"{r['handoff_bytes'] / 1e9:,.0f} |")
     return "\n".join(lines)
+
+
+TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def parse_overrides(items: Sequence[str]) -> RoutingConfig:
+    """``FIELD=VALUE`` strings → a RoutingConfig; values take the field's type (bools: true/false/1/0/yes/no/on/off)."""
+    kinds = {f.name: type(f.default) for f in fields(RoutingConfig) if f.default is not MISSING}
+    kwargs: dict[str, object] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"expected FIELD=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        kind = kinds.get(k)
+        if kind not in (bool, int, float, str):
+            raise ValueError(f"not a settable RoutingConfig field: {k!r}")
+        if kind is bool:
+            if v.strip().lower() not in TRUE | FALSE:
+                raise ValueError(f"{k}: expected true or false, got {v!r}")
+            kwargs[k] = v.strip().lower() in TRUE
+        else:
+            kwargs[k] = kind(v)
+    return RoutingConfig(**kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,21 +483,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object (with --policy) or a list")
     p.add_argument("--cache-blocks", type=int, default=SimConfig.cache_blocks,
                    help="512-token blocks per prefill worker")
+    p.add_argument("--decode-cache-blocks", type=int, default=SimConfig.decode_cache_blocks,
+                   help="prompt blocks a decode worker keeps for reuse")
     p.add_argument("--utilization", type=float, default=SimConfig.utilization, help="ρ: no-cache work / capacity")
+    p.add_argument("--link-bytes-per-s", type=float, default=SimConfig.link_bytes_per_s,
+                   help="KV link speed between workers, for pulls (default 25e9: one 200 Gb/s NIC)")
+    p.add_argument("--index-lag-s", type=float, default=SimConfig.index_lag_s,
+                   help="seconds before a worker's cache changes reach the router's index")
+    p.add_argument("--pending-routes", action="store_true",
+                   help="the router remembers blocks it routed (router.pending.PendingRoutes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a RoutingConfig field of dsaserve (ablations), e.g. --set alpha=1")
+                   help="override a RoutingConfig field of dsaserve (ablations), e.g. --set alpha=1 "
+                        "or --set peer_pulls=false")
     a = p.parse_args(argv)
     try:
-        routing = RoutingConfig(**{k: type(getattr(RoutingConfig, k))(v) for k, v in (s.split("=", 1) for s in a.set)})
-    except (ValueError, AttributeError, TypeError) as e:
+        routing = parse_overrides(a.set)
+    except (ValueError, TypeError) as e:
         p.error(f"--set: {e}")
     trace = load_trace(a.trace)
     if not trace:
         p.error(f"{a.trace}: no requests")
     cfg = SimConfig(workers=a.workers, decode_workers=a.decode_workers, cache_blocks=a.cache_blocks,
-                    utilization=a.utilization, seed=a.seed)
-    rows = [run(trace, name, cfg, routing) for name in ([a.policy] if a.policy else POLICIES)]
+                    decode_cache_blocks=a.decode_cache_blocks, utilization=a.utilization, seed=a.seed,
+                    link_bytes_per_s=a.link_bytes_per_s, index_lag_s=a.index_lag_s, pending_routes=a.pending_routes)
+    rows = [run(trace, a.policy, cfg, routing)] if a.policy else run_all(trace, cfg, routing)
     if a.json:
         json.dump(rows[0] if a.policy else rows, sys.stdout)
         print()

@@ -31,7 +31,8 @@ from router.jobs.grpc_service import BatchJobsServicer
 from router.jobs.service import JobService
 from router.jobs.store import open_store
 from router.limits import RequestLimits
-from router.policy import DSACostModel, RoutingConfig, make_policy
+from router.pending import PendingRoutes
+from router.policy import make_policy
 from router.routing import CacheAwareRouting
 from router.proto.dsaserve.v1 import dsaserve_pb2 as pb
 from router.server import DsaServeServicer
@@ -58,8 +59,8 @@ class _PrefillClient:
     def __init__(self, handle: DeploymentHandle, route_to: str | None) -> None:
         self.handle, self.route_to = handle, route_to
 
-    async def prefill(self, request: GenerateRequest) -> KVHandle:
-        handle = await self.handle.prefill.remote(request, route_to=self.route_to)
+    async def prefill(self, request: GenerateRequest, prefix: KVHandle | None = None) -> KVHandle:
+        handle = await self.handle.prefill.remote(request, prefix, route_to=self.route_to)
         self.route_to = handle.worker_id  # release goes to the replica that holds the blocks
         return handle
 
@@ -87,13 +88,31 @@ class _DecodeClient:
         finally:
             stream.cancel()  # a no-op once finished; aborts the replica's request otherwise
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        stream = self.handle.generate.remote(request, route_to=self.route_to)
+    async def generate(self, request: GenerateRequest, prefix: KVHandle | None = None) -> AsyncIterator[RequestOutput]:
+        stream = self.handle.generate.remote(request, prefix, route_to=self.route_to)
         try:
             async for out in stream:
                 yield out
         finally:
             stream.cancel()
+
+
+class _HolderClient:
+    """``router.disagg.PrefixHolder`` over a Serve handle, pinned to the worker holding the prefix."""
+
+    def __init__(self, handle: DeploymentHandle, worker_id: str) -> None:
+        self.handle, self.worker_id = handle, worker_id
+
+    async def export(self, request_id: str, hashes: list[bytes], first_block: int) -> KVHandle | None:
+        handle = await self.handle.export.remote(request_id, hashes, first_block, route_to=self.worker_id)
+        if handle is not None and handle.worker_id != self.worker_id:
+            # Serve sent the call for a vanished replica elsewhere: only the named holder's pull was planned.
+            self.handle.release.remote(handle.request_id, route_to=handle.worker_id)
+            return None
+        return handle
+
+    def release(self, lease_id: str) -> None:
+        self.handle.release.remote(lease_id, route_to=self.worker_id)  # fire and forget
 
 
 class RayWorkers:
@@ -138,6 +157,9 @@ class RayWorkers:
 
     def decode(self, worker_id: str | None) -> _DecodeClient:
         return _DecodeClient(self._decode, worker_id)
+
+    def holder(self, worker_id: str) -> _HolderClient:
+        return _HolderClient(self._prefill if worker_id.startswith("prefill-") else self._decode, worker_id)
 
 
 class _Aborted(Exception):
@@ -190,10 +212,9 @@ class RouterServer:
         if cfg.redis_url:
             index = RedisKVIndex(os.path.expandvars(cfg.redis_url), info.model_id, cfg.block_size, **redis_options(cfg))
         r = cfg.routing
-        policy_config = RoutingConfig(alpha=r.alpha, beta=r.beta, local_prefill_max_tokens=r.local_prefill_max_tokens,
-                                      temperature_s=r.temperature_s, cost=DSACostModel.from_model_config(mc))
-        routing = CacheAwareRouting(make_policy(r.policy, policy_config), index, model_id=info.model_id,
-                                    block_size=cfg.block_size)
+        routing = CacheAwareRouting(make_policy(r.policy, r.routing_config(mc)), index, model_id=info.model_id,
+                                    block_size=cfg.block_size, pending=PendingRoutes(r.pending_ttl_s),
+                                    link_bytes_per_s=r.link_bytes_per_s)
         self.backend = Dispatcher(RayWorkers(prefill, decode), info, routing,
                                   DispatchConfig(startup_timeout_s=cfg.router.startup_timeout_s,
                                                  max_attempts=MAX_ATTEMPTS, retry_backoff_s=RETRY_BACKOFF_S))
@@ -334,6 +355,8 @@ def build_app(config: ClusterConfig, model_dir: Path):
     """Bind the deployments: prefill and decode first, their handles into the router."""
     common = dict(block_size=config.block_size, max_model_len=config.max_model_len, max_queue=config.router.max_queue,
                   lease_s=config.lease_s)
+    if config.shared_disk_cache is not None:
+        common.update(shared_disk_dir=config.shared_disk_cache.dir, shared_disk_blocks=config.shared_disk_cache.max_blocks)
     index = None
     if config.redis_url:
         index = {"url": config.redis_url, "ttl_s": config.redis.worker_ttl_s, "options": redis_options(config)}

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from router.jobs.types import JobLimits
+from router.policy import DSACostModel, RoutingConfig
 from router.tls import TLSFrontConfig
 from workers.engine.config import EngineConfig
 
@@ -50,14 +51,25 @@ class WorkerGroupConfig(_Strict):
             raise ValueError("set kv_memory_bytes or kv_memory_fraction, not both")
         return self
 
-    def engine(self, *, block_size: int, max_model_len: int | None, max_queue: int, lease_s: float) -> EngineConfig:
+    def engine(self, *, block_size: int, max_model_len: int | None, max_queue: int, lease_s: float,
+               shared_disk_dir: str | None = None, shared_disk_blocks: int = 0) -> EngineConfig:
         return EngineConfig(
+            shared_disk_dir=shared_disk_dir, shared_disk_blocks=shared_disk_blocks,
             num_blocks=self.num_blocks, block_size=block_size, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=max_model_len,
             max_queue=max_queue, lease_s=lease_s, host_cache_blocks=self.host_cache_blocks,
             disk_cache_dir=self.disk_cache_dir, disk_cache_blocks=self.disk_cache_blocks,
             kv_memory_bytes=self.kv_memory_bytes, kv_memory_fraction=self.kv_memory_fraction,
         )
+
+
+class SharedDiskCacheConfig(_Strict):
+    """One disk cache folder that every replica mounting it shares (kvstore/shared_disk.py)."""
+
+    dir: str = Field(..., description="the folder: on one node any local path, across nodes a ReadWriteMany volume "
+                     "mounted at the same path in every worker pod")
+    max_blocks: int = Field(..., ge=1, description="most KV blocks kept in the folder, by all replicas together "
+                            "(least recently used out first)")
 
 
 class LimitsSettings(_Strict):
@@ -118,6 +130,24 @@ class RoutingSettings(_Strict):
     beta: float = Field(1.0, ge=0, description="weight of the work already queued on a worker")
     local_prefill_max_tokens: int = Field(1024, ge=0, description="conditional disaggregation: prefill on the decode worker when at most this many tokens are uncached (0: always disaggregate)")
     temperature_s: float = Field(0.05, ge=0, description="softmax temperature for tie breaking (0: argmin)")
+    peer_pulls: bool = Field(True, description="a worker reads a prefix another worker (prefill or decode) holds "
+                             "over the KV transfer backend when that is cheaper than computing it")
+    link_bytes_per_s: float | None = Field(None, gt=0, description="KV transfer speed between workers for pull "
+                                           "planning; none: measured from the workers' reads (25e9 until measured)")
+    pending_ttl_s: float = Field(10.0, ge=0, description="the router counts a prompt's blocks as held by the worker "
+                                 "it routed them to while the request is in flight and this long after, until "
+                                 "the KV index shows them (0: only while in flight)")
+    linear_flops_per_s: float | None = Field(None, gt=0, description="cost model: effective GEMM + attention rate of "
+                                             "one prefill worker (none: one H800 node, 2.7e15)")
+    index_flops_per_s: float | None = Field(None, gt=0, description="cost model: effective indexer rate of one "
+                                            "prefill worker (none: one H800 node, 4.8e15)")
+
+    def routing_config(self, model_config) -> RoutingConfig:
+        """The policy's ``RoutingConfig`` for a model (``workers.model.config.ModelConfig``)."""
+        hardware = {k: getattr(self, k) for k in ("linear_flops_per_s", "index_flops_per_s") if getattr(self, k)}
+        return RoutingConfig(alpha=self.alpha, beta=self.beta, local_prefill_max_tokens=self.local_prefill_max_tokens,
+                             temperature_s=self.temperature_s, peer_pulls=self.peer_pulls,
+                             cost=DSACostModel.from_model_config(model_config, **hardware))
 
 
 class ClusterConfig(_Strict):
@@ -133,6 +163,9 @@ class ClusterConfig(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig, description="the gRPC router")
     block_size: int = Field(64, ge=1, description="tokens per KV block")
     max_model_len: int | None = Field(None, ge=2, description="cap on prompt + output tokens (none: the model's)")
+    shared_disk_cache: SharedDiskCacheConfig | None = Field(
+        None, description="context cache shared by every prefill and decode replica (blocks evicted from their "
+        "memory, crash-safe files indexed in Redis as a tier any of them reads); none: off")
     lease_s: float = Field(30.0, gt=0, description="how long prefill holds handed-off blocks for a decode worker")
     transfer_timeout_s: float = Field(30.0, gt=0, description="a KV read slower than this fails and falls back")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="where replicas put weights "

@@ -87,6 +87,12 @@ class LocalWorkers:
     def decode(self, worker_id: str | None) -> EngineWorker:
         return self._decode
 
+    def holder(self, worker_id: str) -> EngineWorker:
+        for w in (self._prefill, self._decode):
+            if w is not None and w.worker_id == worker_id:
+                return w
+        raise KeyError(f"no worker {worker_id!r} in this process")
+
 
 class LocalBackend:
     """The ``Backend`` of local mode: a ``router.dispatch.Dispatcher`` over two engines. Requests run
@@ -112,15 +118,18 @@ class LocalBackend:
         decode_model = model if model is not None else load_model(
             model_dir, dtype=dtype, device=device, fp8_weights=fp8_weights)
         self.device = decode_model.embed.weight.device
+        # Every engine both reads and holds: decode imports hand-offs, and each may pull a prefix the
+        # other holds (a conversation's next turn reuses the blocks its answer filled on decode-0).
         self.decode_engine = Engine(decode_model, engine_config, role="decode" if disaggregate else "both",
-                                    worker_id="decode-0", model_id=model_id, transfer=self.transfer)
+                                    worker_id="decode-0", model_id=model_id, transfer=self.transfer,
+                                    holder_factory=lambda storage: self.transfer.holder("decode-0", storage))
         engines = [self.decode_engine]
         self.prefill_engine: Engine | None = None
         if disaggregate:
             # Both engines serve the same weights: share the module (read-only at inference).
             self.prefill_engine = Engine(
                 decode_model, engine_config, role="prefill", worker_id="prefill-0", model_id=model_id,
-                holder_factory=lambda storage: self.transfer.holder("prefill-0", storage),
+                holder_factory=lambda storage: self.transfer.holder("prefill-0", storage), transfer=self.transfer,
             )
             engines.insert(0, self.prefill_engine)
         self.loop = EngineLoop(engines, num_threads=num_threads).start()

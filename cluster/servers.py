@@ -2,6 +2,13 @@
 
 Each replica owns one Engine on its own EngineLoop thread. Replicas publish their stats to a named
 ``StatsBoard`` actor so the router can report every worker (Serve handles reach *a* replica, not all).
+
+Every replica both holds and reads KV through the transfer backend: prefill hands its prompts' blocks to
+decode, decode reads them, and either may export a prefix it holds to a peer that pulls it
+(``workers.engine.peer``) — a decode replica's blocks include what its answers filled, which a
+conversation's next turn reuses. A NIXL replica so has two agents: its holder, named by the worker id on
+prefill (``<id>-holder`` on decode), and its reader, named by the worker id on decode (``<id>-reader``
+on prefill).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import ray
 from ray import serve
 
 from kvstore.disk_slot import claim_disk_slot
+from kvstore.index import volume_worker_id
 from kvstore.publisher import IndexPublisher
 from kvstore.redis_index import RedisKVIndex
 from kvstore.transfer import TransferError
@@ -87,15 +95,18 @@ class _EngineServer:
             self.disk_slot = claim_disk_slot(engine_config.disk_cache_dir, self.role)
             engine_config = dataclasses.replace(engine_config, disk_cache_dir=str(self.disk_slot.path))
         model_id = Path(model_dir).name
-        self.publisher = None
+        self.publisher = self.volume_publisher = None
         events = {}
+        make_index = None
         if index and index.get("url"):
-            self.publisher = IndexPublisher(
-                lambda: RedisKVIndex(os.path.expandvars(index["url"]), model_id, engine_config.block_size,
-                                     **index.get("options", {})),
-                self.worker_id, self.role, lambda: self.engine.block_snapshot(), ttl_s=index.get("ttl_s", 10.0),
-            )
-            events = {"on_block_event": self.publisher.on_block_event, "on_tier_event": self.publisher.on_tier_event}
+            def make_index() -> RedisKVIndex:
+                return RedisKVIndex(os.path.expandvars(index["url"]), model_id, engine_config.block_size,
+                                    **index.get("options", {}))
+
+            self.publisher = IndexPublisher(make_index, self.worker_id, self.role, lambda: self.engine.block_snapshot(),
+                                            ttl_s=index.get("ttl_s", 10.0))
+            events = {"on_block_event": self.publisher.on_block_event, "on_tier_event": self.publisher.on_tier_event,
+                      "on_shared_event": self._on_shared_event}
         if ep and ep.get("ep_size", 1) > 1:
             from cluster.ep import RayEPGroup
 
@@ -109,14 +120,48 @@ class _EngineServer:
                              **events, **self._transfer_args(transfer, transfer_timeout_s))
         if self.publisher is not None:
             self.publisher.start()
+        shared = self.engine.kv.shared_disk
+        if shared is not None and make_index is not None:
+            # The shared folder has its own index entry, which every replica mounting it keeps up.
+            self.volume_publisher = IndexPublisher(
+                make_index, volume_worker_id(shared.volume_id), "volume", lambda: {"disk": shared.hashes()},
+                ttl_s=index.get("ttl_s", 10.0), shared=True).start()
         self.loop = EngineLoop([self.engine], name=self.worker_id, num_threads=engine_threads).start()
         self.worker = EngineWorker(self.engine)
         self._board = ray.get_actor(STATS_BOARD)
         self._stop = threading.Event()
         threading.Thread(target=self._publish, daemon=True, name=f"{self.worker_id}-stats").start()
 
+    def _on_shared_event(self, kind: str, block_hash: bytes) -> None:
+        if self.volume_publisher is not None:  # before it starts, its first snapshot covers the block
+            self.volume_publisher.on_tier_event(kind, "disk", block_hash)
+
     def _transfer_args(self, transfer: str, timeout_s: float) -> dict:
-        return {}
+        """The engine's holder factory and reader (``transfer``) for this backend."""
+        holder_name, reader_name = self._agent_names()
+        if transfer == "nixl":
+            from kvstore.nixl_transfer import NixlHolder, NixlTransfer
+
+            self.transfer = NixlTransfer(reader_name, timeout_s=timeout_s)
+            return {"transfer": self.transfer, "holder_factory": lambda storage: NixlHolder(holder_name, storage)}
+        if transfer == "ray":
+            from cluster.ray_transfer import RayHolder, RayTransfer
+
+            self.transfer = RayTransfer(timeout_s=timeout_s)
+            return {"transfer": self.transfer, "holder_factory": RayHolder}
+        raise ValueError(f"transfer {transfer!r} cannot cross processes; use nixl or ray")
+
+    def _agent_names(self) -> tuple[str, str]:
+        return f"{self.worker_id}-holder", f"{self.worker_id}-reader"
+
+    async def export(self, request_id: str, hashes: list[bytes], first_block: int,
+                     route_to: str | None = None) -> KVHandle | None:
+        """Lease the longest prefix of ``hashes`` held here for a peer (None: none of it is held)."""
+        return await self.worker.export(request_id, hashes, first_block)
+
+    def release(self, request_id: str, route_to: str | None = None) -> None:
+        """End a lease early: a hand-off's (by request id) or an export's (by its lease id)."""
+        self.worker.release(request_id)
 
     def stats(self) -> WorkerStats:
         ep = None if self.ep_group is None or self.ep_group.ep is None else {
@@ -149,8 +194,9 @@ class _EngineServer:
             return
         self._stop.set()
         self.loop.stop(timeout=1.0)
-        if self.publisher is not None:
-            self.publisher.stop()
+        for publisher in (self.publisher, self.volume_publisher):
+            if publisher is not None:
+                publisher.stop()
 
 
 class PrefillServer(_EngineServer):
@@ -158,22 +204,12 @@ class PrefillServer(_EngineServer):
 
     role = "prefill"
 
-    def _transfer_args(self, transfer: str, timeout_s: float) -> dict:
-        if transfer == "nixl":
-            from kvstore.nixl_transfer import NixlHolder
+    def _agent_names(self) -> tuple[str, str]:
+        return self.worker_id, f"{self.worker_id}-reader"
 
-            return {"holder_factory": lambda storage: NixlHolder(self.worker_id, storage)}
-        if transfer == "ray":
-            from cluster.ray_transfer import RayHolder
-
-            return {"holder_factory": RayHolder}
-        raise ValueError(f"transfer {transfer!r} cannot cross processes; use nixl or ray")
-
-    async def prefill(self, request: GenerateRequest, route_to: str | None = None) -> KVHandle:
-        return await self.worker.prefill(request)
-
-    def release(self, request_id: str, route_to: str | None = None) -> None:
-        self.worker.release(request_id)
+    async def prefill(self, request: GenerateRequest, prefix: KVHandle | None = None,
+                      route_to: str | None = None) -> KVHandle:
+        return await self.worker.prefill(request, prefix)
 
 
 class DecodeServer(_EngineServer):
@@ -181,18 +217,8 @@ class DecodeServer(_EngineServer):
 
     role = "decode"
 
-    def _transfer_args(self, transfer: str, timeout_s: float) -> dict:
-        if transfer == "nixl":
-            from kvstore.nixl_transfer import NixlTransfer
-
-            self.transfer = NixlTransfer(self.worker_id, timeout_s=timeout_s)
-        elif transfer == "ray":
-            from cluster.ray_transfer import RayTransfer
-
-            self.transfer = RayTransfer(timeout_s=timeout_s)
-        else:
-            raise ValueError(f"transfer {transfer!r} cannot cross processes; use nixl or ray")
-        return {"transfer": self.transfer}
+    def _agent_names(self) -> tuple[str, str]:
+        return f"{self.worker_id}-holder", self.worker_id
 
     async def decode(self, request: GenerateRequest, handle: KVHandle, route_to: str | None = None) -> AsyncIterator[dict | RequestOutput]:
         """Stream: first ``{"read": None}`` or ``{"read": "error text"}``, then the outputs.
@@ -210,8 +236,9 @@ class DecodeServer(_EngineServer):
             async for out in stream:
                 yield out
 
-    async def generate(self, request: GenerateRequest, route_to: str | None = None) -> AsyncIterator[RequestOutput]:
-        async with aclosing(self.worker.generate(request)) as stream:
+    async def generate(self, request: GenerateRequest, prefix: KVHandle | None = None,
+                       route_to: str | None = None) -> AsyncIterator[RequestOutput]:
+        async with aclosing(self.worker.generate(request, prefix)) as stream:
             async for out in stream:
                 yield out
 

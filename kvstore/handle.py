@@ -35,6 +35,10 @@ class KVHandle:
     ``block_generations`` are the holder pool's generations of ``block_ids`` at hand-off
     (``BlockPool.generations``): a reader that can see the holder's pool compares them again to
     detect reused blocks; empty when the holder did not record them.
+
+    A *prefix export* (a peer pull, ``first_token == -1``) holds prompt blocks ``first_block ..`` of
+    some request, named by ``block_hashes``; the reader checks those against its own hashes of the
+    prompt before committing the blocks under them.
     """
 
     worker_id: str
@@ -48,3 +52,5 @@ class KVHandle:
     first_logprob: object | None = None  # the engine's TokenLogprob of first_token, carried opaquely
     endpoint: dict = field(default_factory=dict)
     block_generations: tuple[int, ...] = ()
+    first_block: int = 0  # a prefix export: the prompt block the first of ``block_ids`` holds
+    block_hashes: tuple[bytes, ...] = ()  # a prefix export: the chained hash of each block

@@ -23,7 +23,7 @@ from .hashing import HASH_ALGORITHM, HASH_VERSION, BlockHash, block_hashes, self
 
 Tier = Literal["device", "host", "disk"]
 TIERS: tuple[Tier, ...] = ("device", "host", "disk")  # fastest first
-WorkerRole = Literal["prefill", "decode", "both"]
+WorkerRole = Literal["prefill", "decode", "both", "volume"]  # volume: a shared disk cache folder (no engine)
 EventKind = Literal["stored", "removed"]
 Hasher = Callable[..., list[BlockHash]]  # the signature of ``kvstore.hashing.block_hashes``
 
@@ -71,6 +71,12 @@ class IndexEvent:
     worker_id: str
     tier: Tier
     hashes: tuple[BlockHash, ...]
+
+
+def volume_worker_id(volume_id: str) -> str:
+    """The index entry of a shared disk cache folder (``kvstore.shared_disk``): every process that
+    mounts it publishes its blocks there, and the router credits them to every worker on that volume."""
+    return f"volume-{volume_id}"
 
 
 def namespace(model_id: str, block_size: int) -> str:

@@ -12,6 +12,11 @@ registers it again and stores the full ``snapshot()`` of its blocks. Failed atte
 exponentially up to ``max_backoff_s`` and reconnect (a new index from ``make_index``). ``healthy`` is
 True exactly while the last resync succeeded and nothing has failed since, i.e. while the index
 holds this worker's blocks (up to the events still queued).
+
+A *shared* publisher (``shared=True``) speaks for an index entry several processes publish, such as a
+disk cache folder all of them read and write (``kvstore.shared_disk``): it never clears the entry,
+neither on a resync (the others' blocks are in it too; its snapshot re-stores what the folder holds)
+nor on stop (the folder outlives any one process; the entry expires when no process heartbeats it).
 """
 
 from __future__ import annotations
@@ -39,13 +44,14 @@ class IndexPublisher:
 
     def __init__(self, make_index: Callable[[], KVIndex], worker_id: str, role: WorkerRole, snapshot: Snapshot,
                  *, ttl_s: float = 10.0, period_s: float = 0.1, max_pending: int = 100_000,
-                 max_backoff_s: float = 5.0) -> None:
+                 max_backoff_s: float = 5.0, shared: bool = False) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be ≥ 1, got {max_pending}")
         self._make_index = make_index
         self.worker_id, self.role, self.ttl_s, self.period_s = worker_id, role, ttl_s, period_s
         self.max_pending, self.max_backoff_s = max_pending, max(max_backoff_s, period_s)
         self._snapshot = snapshot
+        self.shared = shared
         self._lock = threading.Lock()  # guards _pending, _resync and healthy
         self._pending: list[tuple[str, Tier, BlockHash]] = []
         self._resync = True  # the index may differ from the worker: send a full snapshot
@@ -112,7 +118,8 @@ class IndexPublisher:
             await self._pause(backoff or self.period_s)
         if index is not None:
             try:
-                await index.clear_worker(self.worker_id)
+                if not self.shared:
+                    await index.clear_worker(self.worker_id)
             except Exception:  # noqa: BLE001 — shutting down: the TTL cleans up what we could not
                 pass
             await _close(index)
@@ -154,7 +161,8 @@ class IndexPublisher:
     async def _resync_all(self, index: KVIndex) -> None:
         """Replace what the index holds for this worker by its full snapshot."""
         await index.check_hash_agreement()
-        await index.clear_worker(self.worker_id)  # blocks dropped while events were lost must not linger
+        if not self.shared:
+            await index.clear_worker(self.worker_id)  # blocks dropped while events were lost must not linger
         await index.register_worker(self.worker_id, self.role, self.ttl_s)
         with self._lock:
             snapshot = self._snapshot()

@@ -5,6 +5,9 @@
 2. The decode worker reads the blocks (KV transfer), the lease is released, decoding continues.
 3. A failed read never yields garbage: the decode worker recomputes the prompt plus the first token
    itself (conditional fallback); only when that fails too does the client see an error.
+
+A peer pull (``prefix``) is read by the prefill worker before it runs the prompt (``workers.engine.peer``);
+a failed pull only means the prefix is computed there.
 """
 
 from __future__ import annotations
@@ -23,11 +26,22 @@ log = logging.getLogger(__name__)
 
 
 class PrefillWorker(Protocol):
-    """Contract: ``prefill`` returns a handle whose blocks stay leased until ``release``."""
+    """Contract: ``prefill`` returns a handle whose blocks stay leased until ``release``; with a
+    ``prefix`` handle it first reads those blocks (or computes them when the read fails)."""
 
-    async def prefill(self, request: GenerateRequest) -> KVHandle: ...
+    async def prefill(self, request: GenerateRequest, prefix: KVHandle | None = None) -> KVHandle: ...
 
     def release(self, request_id: str) -> None: ...
+
+
+class PrefixHolder(Protocol):
+    """A worker a peer may pull prompt blocks from. Contract: ``export`` leases the longest prefix of
+    ``hashes`` it holds and returns its handle (None: it holds none), or raises when the worker is
+    unreachable; ``release(lease_id)`` ends that lease early (fire and forget; the lease expires anyway)."""
+
+    async def export(self, request_id: str, hashes: list[bytes], first_block: int) -> KVHandle | None: ...
+
+    def release(self, lease_id: str) -> None: ...
 
 
 class DecodeWorker(Protocol):
@@ -36,7 +50,7 @@ class DecodeWorker(Protocol):
 
     def decode(self, request: GenerateRequest, handle: KVHandle, on_read) -> AsyncIterator[RequestOutput]: ...
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]: ...
+    def generate(self, request: GenerateRequest, prefix: KVHandle | None = None) -> AsyncIterator[RequestOutput]: ...
 
 
 async def generate_disaggregated(
@@ -46,13 +60,14 @@ async def generate_disaggregated(
     *,
     eos_token_id: int,
     max_model_len: int,
+    prefix: KVHandle | None = None,
 ) -> AsyncIterator[RequestOutput]:
     """Yield the request's outputs: the first token from prefill, the rest from decode."""
     start = time.monotonic()
     params = request.params
     prompt_len = len(request.prompt_token_ids)
     try:
-        handle = await prefill.prefill(request)
+        handle = await prefill.prefill(request, prefix)
     except WorkerError as e:
         yield RequestOutput(request_id=request.request_id, new_token_ids=(), finished=True,
                             usage=Usage(prompt_len, 0, 0), finish_reason="error", error=str(e))

@@ -3,7 +3,8 @@
 ``Dispatcher`` is the ``Backend`` both modes serve from: admission (a bounded number of requests in
 flight, RESOURCE_EXHAUSTED with retry pushback beyond it), readiness (health, and calls that arrive
 while the workers start wait up to a bounded time instead of failing), the routing decision and
-its conditional-disaggregation branch, retries when a worker dies mid-request (the stream goes on
+its conditional-disaggregation branch, peer pulls (the chosen worker reads a prefix another worker
+holds: the holder exports it first), retries when a worker dies mid-request (the stream goes on
 where it stopped), and the router's counters. What differs between modes is only how workers are
 reached: a ``WorkerSet`` (engines on a thread in local mode, Ray Serve handles in cluster mode).
 """
@@ -20,13 +21,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from router.backend import AdmissionError, BackendUnavailable, ModelInfo
-from router.disagg import DecodeWorker, PrefillWorker, continue_request, generate_disaggregated
+from router.disagg import DecodeWorker, PrefillWorker, PrefixHolder, continue_request, generate_disaggregated
 from router.metrics import RouterMetrics
-from router.routing import CacheAwareRouting
-from workers.engine.types import GenerateRequest, RequestOutput, WorkerStats
+from router.routing import CacheAwareRouting, Route
+from workers.engine.peer import export_id
+from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerStats
 
 log = logging.getLogger(__name__)
 READY_POLL_S = 0.25
+EXPORT_TIMEOUT_S = 5.0  # a holder slower than this to lease a prefix is skipped: the prefix is computed
 
 
 class WorkerSet(Protocol):
@@ -36,7 +39,8 @@ class WorkerSet(Protocol):
     - ``current()`` returns the latest stats of every worker (possibly cached for a fraction of a
       second; ``refresh()`` drops the cache); ``snapshot()`` is its blocking twin for status calls.
     - ``prefill(worker_id)``/``decode(worker_id)`` return the ``router.disagg`` faces of a worker;
-      ``decode(None)`` is any decode-capable worker.
+      ``decode(None)`` is any decode-capable worker; ``holder(worker_id)`` is the face of any worker
+      (prefill or decode) that peers pull a prefix from.
     - ``retryable`` are the exceptions meaning "the worker died": the request is retried elsewhere.
     - ``expects_prefill``: the deployment has prefill workers, so readiness at start-up waits for one.
     - ``health_error()`` names a failure that stops every worker of the set (a crashed engine loop), or None.
@@ -57,6 +61,8 @@ class WorkerSet(Protocol):
     def prefill(self, worker_id: str) -> PrefillWorker: ...
 
     def decode(self, worker_id: str | None) -> DecodeWorker: ...
+
+    def holder(self, worker_id: str) -> PrefixHolder: ...
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class Dispatcher:
         self.errors_total = 0
         self.rejected_total = 0  # RESOURCE_EXHAUSTED answers
         self.routes: dict[str, int] = {}  # decisions by reason
+        self.pulls = {"planned": 0, "exported_blocks": 0, "failed": 0}  # peer pulls the router arranged
         self.metrics = RouterMetrics(info.model_id, self.stats)  # ``router.metrics.render`` reads it
         self._ready_once = False
 
@@ -112,7 +119,7 @@ class Dispatcher:
     def stats(self) -> dict:
         router = {"requests_total": self.requests_total, "in_flight": self.in_flight, "errors_total": self.errors_total,
                   "rejected_total": self.rejected_total, "routes": dict(self.routes),
-                  "index_errors": self.routing.index_errors}
+                  "index_errors": self.routing.index_errors, "peer_pulls": dict(self.pulls)}
         return {"mode": self.workers.mode, "router": router, "workers": self.workers.snapshot()}
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
@@ -174,26 +181,56 @@ class Dispatcher:
             raise BackendUnavailable(error)
 
     async def _route(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        decision = await self.routing.decide(req, await self.workers.current())
+        route = await self.routing.plan(req, await self.workers.current())
+        decision = route.decision
         self.routes[decision.reason] = self.routes.get(decision.reason, 0) + 1
         decode = self.workers.decode(decision.decode_worker)
-        if decision.prefill_worker is None:  # conditional disaggregation: prefill on the decode worker
-            async with aclosing(decode.generate(req)) as outs:
-                async for out in outs:
-                    yield out
-            return
         uncached = len(req.prompt_token_ids) - decision.expected_cached_tokens
-        self.routing.assign(decision.prefill_worker, uncached)
-        assigned = True
-        stream = generate_disaggregated(req, self.workers.prefill(decision.prefill_worker), decode,
-                                        eos_token_id=self._info.eos_token_id, max_model_len=self._info.max_context)
+        self.routing.start(req.request_id, route, uncached)
+        prefilling = True
+        prefix = await self._export(req, route)
+        if decision.prefill_worker is None:  # conditional disaggregation: prefill on the decode worker
+            stream = decode.generate(req, prefix)
+        else:
+            stream = generate_disaggregated(req, self.workers.prefill(decision.prefill_worker), decode,
+                                            eos_token_id=self._info.eos_token_id,
+                                            max_model_len=self._info.max_context, prefix=prefix)
         try:
             async with aclosing(stream) as outs:
                 async for out in outs:
-                    if assigned:  # the first output means the prefill is done
-                        self.routing.done(decision.prefill_worker, uncached)
-                        assigned = False
+                    if prefilling:  # the first output means the prefill (and any pull) is done
+                        prefilling = False
+                        self._prefilled(req, route, uncached, prefix)
                     yield out
         finally:
-            if assigned:
-                self.routing.done(decision.prefill_worker, uncached)
+            if prefilling:
+                self._prefilled(req, route, uncached, prefix)
+
+    async def _export(self, req: GenerateRequest, route: Route) -> KVHandle | None:
+        """Ask the holder of a planned pull to lease the prefix (None: no pull, or it failed)."""
+        pull = route.decision.pull
+        if pull is None:
+            return None
+        self.pulls["planned"] += 1
+        try:
+            async with asyncio.timeout(EXPORT_TIMEOUT_S):
+                handle = await self.workers.holder(pull.source).export(req.request_id, list(route.pulled_hashes()),
+                                                                       pull.first_block)
+        except Exception as e:  # noqa: BLE001 — a dead or slow holder costs the pull, never the request
+            log.info("request %s: peer %s could not export its prefix (%s: %s); computing it",
+                     req.request_id, pull.source, type(e).__name__, e)
+            self.pulls["failed"] += 1
+            return None
+        if handle is None:
+            self.pulls["failed"] += 1
+        else:
+            self.pulls["exported_blocks"] += len(handle.block_ids)
+        return handle
+
+    def _prefilled(self, req: GenerateRequest, route: Route, uncached: int, prefix: KVHandle | None) -> None:
+        self.routing.prefilled(req.request_id, route, uncached)
+        if prefix is not None:  # read (or failed) by now: the holder may drop its lease at once
+            try:
+                self.workers.holder(prefix.worker_id).release(export_id(req.request_id))
+            except Exception as e:  # noqa: BLE001 — the lease expires anyway
+                log.debug("releasing %s's exported prefix: %s", req.request_id, e)

@@ -9,7 +9,11 @@ production trace through these same classes.
 model (linear MLA/MoE work, sparse attention over ``min(context, index_topk)`` positions, and the
 indexer's quadratic scoring of every earlier token). An imbalance guard keeps load in charge when
 queues diverge; softmax over cost breaks near-ties with an injectable RNG; a short uncached remainder is
-prefilled on the decode worker (conditional disaggregation). The baselines (``round_robin``,
+prefilled on the decode worker (conditional disaggregation). Peer pulls: when another worker (prefill
+or decode) holds more of the prompt than a candidate, the candidate may read those blocks from it over
+the KV transfer backend instead of recomputing them; the pull costs the holder's wait (its current
+step) plus the bytes at the link speed, and is planned only where that is cheaper than the prefill it
+saves. The baselines (``round_robin``,
 ``least_load``, ``sglang_cache_aware``, ``dynamo_cost``) share the interface and the decode choice.
 """
 
@@ -18,81 +22,10 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
-from functools import cached_property
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Protocol
 
-
-@dataclass(frozen=True)
-class DSACostModel:
-    """Seconds one prefill worker needs for ``new`` tokens after ``cached`` ones (DeepSeek-V3.2 shape).
-
-    Shape defaults: the 671B release. Hardware defaults: one H800 node (8 GPUs) at DeepSeek's
-    published prefill rate (≈32k computed tokens/s per node at ~4k context); see ``bench.routing``.
-    """
-
-    hidden_size: int = 7168
-    num_hidden_layers: int = 61
-    first_k_dense_replace: int = 3
-    intermediate_size: int = 18432
-    moe_intermediate_size: int = 2048
-    n_routed_experts: int = 256
-    n_shared_experts: int = 1
-    num_experts_per_tok: int = 8
-    num_attention_heads: int = 128
-    q_lora_rank: int = 1536
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
-    index_n_heads: int = 64
-    index_head_dim: int = 128
-    index_topk: int = 2048
-    linear_flops_per_s: float = 2.7e15  # effective GEMM + attention rate of the worker
-    index_flops_per_s: float = 4.8e15  # effective FP8 indexer rate (twice the BF16 path)
-    overhead_s: float = 0.005  # per request: scheduling, launch, first-token sampling
-
-    @classmethod
-    def from_model_config(cls, config: Any, **hardware: float) -> "DSACostModel":
-        """From any config object with the HF field names (``workers.model.config.ModelConfig``)."""
-        shape = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
-        return cls(**shape, **hardware)
-
-    @cached_property
-    def linear_flops_per_token(self) -> float:
-        """2 × parameters touched per token: MLA and indexer projections, dense MLP or routed+shared experts."""
-        d, h = self.hidden_size, self.num_attention_heads
-        mla = (d * self.q_lora_rank + self.q_lora_rank * h * (self.qk_nope_head_dim + self.qk_rope_head_dim)
-               + d * (self.kv_lora_rank + self.qk_rope_head_dim)
-               + self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim) + h * self.v_head_dim * d)
-        indexer = (self.q_lora_rank * self.index_n_heads * self.index_head_dim
-                   + d * (self.index_head_dim + self.index_n_heads))
-        dense = 3 * d * self.intermediate_size
-        experts = self.num_experts_per_tok + self.n_shared_experts
-        moe = 3 * d * self.moe_intermediate_size * experts + d * self.n_routed_experts
-        n_moe = self.num_hidden_layers - self.first_k_dense_replace
-        return 2.0 * (self.num_hidden_layers * (mla + indexer) + self.first_k_dense_replace * dense + n_moe * moe)
-
-    def flops(self, new_tokens: int, cached_tokens: int = 0) -> tuple[float, float, float]:
-        """(linear, sparse attention, indexer) FLOPs for positions ``cached .. cached+new-1``."""
-        lo, hi, k = cached_tokens, cached_tokens + new_tokens, self.index_topk
-        tri = lambda x: x * (x + 1) / 2  # noqa: E731 — Σ_{p<x} (p+1): causal positions seen
-        capped = lambda x: tri(x) if x <= k else tri(k) + (x - k) * k  # noqa: E731 — Σ min(p+1, topk)
-        h, layers = self.num_attention_heads, self.num_hidden_layers
-        attention = 2.0 * h * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim) * layers
-        indexer = 2.0 * self.index_n_heads * self.index_head_dim * layers
-        return (new_tokens * self.linear_flops_per_token, attention * (capped(hi) - capped(lo)),
-                indexer * (tri(hi) - tri(lo)))
-
-    def prefill_s(self, new_tokens: int, cached_tokens: int = 0) -> float:
-        """Seconds to prefill; grows with ``new_tokens`` and, through the indexer, with ``cached_tokens``."""
-        linear, attention, indexer = self.flops(new_tokens, cached_tokens)
-        return self.overhead_s + (linear + attention) / self.linear_flops_per_s + indexer / self.index_flops_per_s
-
-    @cached_property
-    def seconds_per_token(self) -> float:
-        """Linear-part seconds per token: turns a queue measured in tokens into seconds."""
-        return self.linear_flops_per_token / self.linear_flops_per_s
+from router.cost_model import DSACostModel
 
 
 @dataclass(frozen=True)
@@ -109,6 +42,9 @@ class RoutingConfig:
     local_prefill_max_queue_tokens: int = 8192  # ... and at most this much local prefill queued there
     decode_headroom_blocks: int = 0  # free blocks a decode worker keeps beyond the request's need
     decode_affinity_slack: float = 0.1  # decode load-score margin within which the prefix holder wins
+    peer_pulls: bool = True  # read a prefix from the worker holding it when cheaper than recomputing it
+    link_bytes_per_s: float = 25e9  # KV transfer speed between workers, unless the request says measured
+    step_tokens: int = 2048  # a holder serves an export after its current engine step (≤ this many tokens)
     cost: DSACostModel = field(default_factory=DSACostModel)
 
     def __post_init__(self) -> None:
@@ -117,6 +53,8 @@ class RoutingConfig:
                 raise ValueError(f"RoutingConfig.{name} must be ≥ 0, got {getattr(self, name)}")
         if self.imbalance_ratio < 1:
             raise ValueError(f"RoutingConfig.imbalance_ratio must be ≥ 1, got {self.imbalance_ratio}")
+        if not self.link_bytes_per_s > 0:
+            raise ValueError(f"RoutingConfig.link_bytes_per_s must be > 0, got {self.link_bytes_per_s}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +62,8 @@ class RouteRequest:
     prompt_tokens: int
     block_size: int
     max_tokens: int = 0  # decode blocks needed = ceil((prompt + max_tokens) / block_size)
+    block_bytes: int = 0  # KV bytes of one block (0: the cost model's estimate)
+    link_bytes_per_s: float = 0.0  # measured transfer speed between workers (0: RoutingConfig's)
 
     @property
     def prompt_blocks(self) -> int:
@@ -165,13 +105,33 @@ class DecodeCandidate:
 
 
 @dataclass(frozen=True)
+class PullSource:
+    """A live worker holding a leading part of the prompt, which others may read it from."""
+
+    worker_id: str
+    matched_blocks: int
+    queued_tokens: int = 0  # its engine serves an export after its current step
+
+
+@dataclass(frozen=True)
+class PeerPull:
+    """Read prompt blocks ``first_block .. first_block + num_blocks - 1`` from ``source`` before prefilling."""
+
+    source: str
+    first_block: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
 class RouteDecision:
-    """Prefill on ``prefill_worker`` (None: on the decode worker itself), then decode on ``decode_worker``."""
+    """Prefill on ``prefill_worker`` (None: on the decode worker itself), then decode on ``decode_worker``;
+    ``pull``: blocks the prefill worker first reads from a peer (``expected_cached_tokens`` counts them)."""
 
     prefill_worker: str | None
     decode_worker: str
     expected_cached_tokens: int
     reason: str
+    pull: PeerPull | None = None
 
 
 class NoCandidates(ValueError):
@@ -181,12 +141,15 @@ class NoCandidates(ValueError):
 class RoutingPolicy(Protocol):
     """Contract: ``route`` returns a decision naming one of the offered workers; it raises
     ``NoCandidates`` only when ``decode`` is empty; with no prefill candidates the decode worker
-    prefills. Decisions depend only on the arguments and the policy's RNG/counter state."""
+    prefills. A ``pull`` names one of ``sources`` (never the prefill worker itself) and only blocks that
+    source holds beyond the prefill worker's own match. Decisions depend only on the arguments and the
+    policy's RNG/counter state; policies that do not pull ignore ``sources``."""
 
     name: str
 
     def route(
-        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]
+        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate],
+        sources: Sequence[PullSource] = (),
     ) -> RouteDecision: ...
 
 
@@ -238,7 +201,8 @@ class DSAServePolicy:
         return c.queued_s if c.queued_s is not None else c.queued_tokens * self.config.cost.seconds_per_token
 
     def route(
-        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]
+        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate],
+        sources: Sequence[PullSource] = (),
     ) -> RouteDecision:
         cfg = self.config
         local = self._local_prefill(request, decode)
@@ -250,6 +214,9 @@ class DSAServePolicy:
         queued = [self.queued_s(c) for c in prefill]
         cached = [request.cached_tokens(c.matched_blocks) for c in prefill]
         own = [cfg.cost.prefill_s(request.prompt_tokens - k, k) for k in cached]
+        pulls: list[PeerPull | None] = [None] * len(prefill)
+        if cfg.peer_pulls and sources:
+            self._plan_pulls(request, prefill, sources, cached, own, pulls)
         scores = [cfg.alpha * o + cfg.beta * q for o, q in zip(own, queued)]
         lo, hi = min(queued), max(queued)
         eligible = list(range(len(prefill)))
@@ -261,9 +228,36 @@ class DSAServePolicy:
                 reason = "imbalance_guard"  # the guard overruled the cheapest worker
         pick = eligible[softmax_pick([scores[i] for i in eligible], cfg.temperature_s, self.rng)]
         if reason == "cost" and cached[pick] > 0 and cached[pick] == max(cached):
-            reason = "cache_hit"
+            reason = "peer_pull" if pulls[pick] is not None else "cache_hit"
         dec, _ = choose_decode(request, decode, self.rng, cfg.decode_headroom_blocks)
-        return RouteDecision(prefill[pick].worker_id, dec.worker_id, cached[pick], reason)
+        return RouteDecision(prefill[pick].worker_id, dec.worker_id, cached[pick], reason, pulls[pick])
+
+    def pull_s(self, request: RouteRequest, source: PullSource, blocks: int) -> float:
+        """Seconds to read ``blocks`` of the prompt from ``source``: its current step, then the bytes."""
+        cfg = self.config
+        block_bytes = request.block_bytes or cfg.cost.kv_bytes_per_token * request.block_size
+        link = request.link_bytes_per_s or cfg.link_bytes_per_s
+        step = min(source.queued_tokens, cfg.step_tokens)
+        return (cfg.cost.prefill_s(step) if step else 0.0) + blocks * block_bytes / link
+
+    def _plan_pulls(self, request: RouteRequest, prefill: Sequence[PrefillCandidate], sources: Sequence[PullSource],
+                    cached: list[int], own: list[float], pulls: list[PeerPull | None]) -> None:
+        """Where reading the prefix from its best holder beats computing it, lower ``own`` and
+        raise ``cached`` to the pulled prefix and record the pull (in place)."""
+        # The two longest holders suffice: the best source for a candidate is the longest one but itself.
+        top = sorted((s for s in sources if s.matched_blocks > 0), key=lambda s: (-s.matched_blocks, s.queued_tokens))[:2]
+        for i, c in enumerate(prefill):
+            src = next((s for s in top if s.worker_id != c.worker_id), None)
+            if src is None or src.matched_blocks <= c.matched_blocks:
+                continue
+            k = request.cached_tokens(src.matched_blocks)
+            if k <= cached[i]:
+                continue
+            moved = src.matched_blocks - c.matched_blocks
+            cost = self.config.cost.prefill_s(request.prompt_tokens - k, k) + self.pull_s(request, src, moved)
+            if cost < own[i]:
+                own[i], cached[i] = cost, k
+                pulls[i] = PeerPull(src.worker_id, c.matched_blocks, moved)
 
     def _local_prefill(self, request: RouteRequest, decode: Sequence[DecodeCandidate]) -> DecodeCandidate | None:
         """Conditional disaggregation: the decode worker (chosen by load, preferring the prefix
@@ -289,7 +283,8 @@ class RoundRobinPolicy:
         self._next = 0
 
     def route(
-        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]
+        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate],
+        sources: Sequence[PullSource] = (),
     ) -> RouteDecision:
         dec, _ = choose_decode(request, decode, self.rng)
         if not prefill:
@@ -308,7 +303,8 @@ class LeastLoadPolicy:
         self.rng = rng or random.Random()
 
     def route(
-        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]
+        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate],
+        sources: Sequence[PullSource] = (),
     ) -> RouteDecision:
         dec, _ = choose_decode(request, decode, self.rng)
         if not prefill:
@@ -331,7 +327,8 @@ class SGLangCacheAwarePolicy:
         self.abs_threshold, self.rel_threshold, self.match_threshold = abs_threshold, rel_threshold, match_threshold
 
     def route(
-        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]
+        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate],
+        sources: Sequence[PullSource] = (),
     ) -> RouteDecision:
         dec, _ = choose_decode(request, decode, self.rng)
         if not prefill:
@@ -359,7 +356,8 @@ class DynamoCostPolicy:
         self.prefill_weight = prefill_weight
 
     def route(
-        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate]
+        self, request: RouteRequest, prefill: Sequence[PrefillCandidate], decode: Sequence[DecodeCandidate],
+        sources: Sequence[PullSource] = (),
     ) -> RouteDecision:
         dec, _ = choose_decode(request, decode, self.rng)
         if not prefill:

@@ -1,9 +1,13 @@
 """CacheAwareRouting: from a request to a ``RouteDecision``, using the KV index and worker stats.
 
 Per request: the prompt's chained block hashes (the same function the workers use), one
-longest-prefix lookup in the index, candidates built from the latest worker stats plus the work
-this router assigned since those stats were taken, then the policy. When the index fails in any way
-(``IndexUnavailable``, or an unexpected error) the request is routed by load alone and keeps flowing;
+longest-prefix lookup in the index, extended by the blocks this router itself just routed
+(``router.pending.PendingRoutes``: the index learns of them only after the worker computed and
+published them), candidates built from the latest worker stats plus the work this router assigned
+since those stats were taken, pull sources (every live worker holding part of the prompt), the
+measured KV link speed, then the policy. Blocks in a shared disk cache folder count for every
+worker that mounts it (its ``disk_volume``). When the index fails in any way (``IndexUnavailable``, or an
+unexpected error) the request is routed by load (and pending blocks) alone and keeps flowing;
 ``index_errors`` counts those requests.
 """
 
@@ -12,12 +16,30 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from kvstore.hashing import block_hashes
-from kvstore.index import IndexUnavailable, KVIndex
+from kvstore.hashing import BlockHash, block_hashes
+from kvstore.index import IndexUnavailable, KVIndex, volume_worker_id
 from router.backend import BackendUnavailable
-from router.policy import DecodeCandidate, NoCandidates, PrefillCandidate, RouteDecision, RouteRequest, RoutingPolicy
+from router.pending import PendingRoutes
+from router.policy import (
+    DecodeCandidate, NoCandidates, PrefillCandidate, PullSource, RouteDecision, RouteRequest, RoutingPolicy,
+)
 from workers.engine.types import GenerateRequest, WorkerStats
+
+MIN_MEASURED_BYTES = 1 << 20  # KV bytes read before the link speed is taken from measurements
+
+
+@dataclass(frozen=True)
+class Route:
+    """A decision and the prompt's block hashes it was made with (a pull exports some of them)."""
+
+    decision: RouteDecision
+    hashes: tuple[BlockHash, ...]
+
+    def pulled_hashes(self) -> tuple[BlockHash, ...]:
+        pull = self.decision.pull
+        return () if pull is None else self.hashes[pull.first_block : pull.first_block + pull.num_blocks]
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +47,27 @@ log = logging.getLogger(__name__)
 class CacheAwareRouting:
     """Decides where a request runs, from the latest ``WorkerStats`` of every worker."""
 
-    def __init__(self, policy: RoutingPolicy, index: KVIndex | None, *, model_id: str, block_size: int) -> None:
+    def __init__(self, policy: RoutingPolicy, index: KVIndex | None, *, model_id: str, block_size: int,
+                 pending: PendingRoutes | None = None, link_bytes_per_s: float | None = None) -> None:
+        """``pending``: where routed blocks are remembered (None: a ``PendingRoutes`` with its defaults);
+        ``link_bytes_per_s``: a fixed KV link speed for pull planning (None: measured)."""
         self.policy, self.index = policy, index
+        self.link_bytes_per_s = link_bytes_per_s
         self.model_id, self.block_size = model_id, block_size
+        self.pending = pending if pending is not None else PendingRoutes()
         self.index_errors = 0
         # Uncached prompt tokens sent to a prefill worker and not yet prefilled: stats lag behind.
         self._assigned: defaultdict[str, int] = defaultdict(int)
 
     async def decide(self, req: GenerateRequest, workers: Sequence[WorkerStats]) -> RouteDecision:
+        return (await self.plan(req, workers)).decision
+
+    async def plan(self, req: GenerateRequest, workers: Sequence[WorkerStats]) -> Route:
+        """The decision for ``req`` and the hashes behind it; nothing is recorded (``start`` does)."""
+        hashes = block_hashes(req.prompt_token_ids, model_id=self.model_id, cache_salt=req.cache_salt,
+                              block_size=self.block_size)
         matches = {}
         if self.index is not None:
-            hashes = block_hashes(req.prompt_token_ids, model_id=self.model_id, cache_salt=req.cache_salt,
-                                  block_size=self.block_size)
             try:
                 matches = await self.index.longest_prefix(hashes) if hashes else {}
             except IndexUnavailable as e:  # route by load until the index answers again
@@ -47,9 +78,14 @@ class CacheAwareRouting:
                 log.warning("KV index lookup failed unexpectedly (%r): routing by load", e,
                             exc_info=self.index_errors == 1)
         live = [w for w in workers if w.healthy]
+        indexed = {w: m.matched_blocks for w, m in matches.items()}
+        for w in live:  # a shared disk cache folder serves every worker that mounts it
+            if w.disk_volume is not None:
+                indexed[w.worker_id] = max(indexed.get(w.worker_id, 0), indexed.get(volume_worker_id(w.disk_volume), 0))
+        matched = self.pending.extend(hashes, indexed, [w.worker_id for w in live])
         prefill = [
             PrefillCandidate(
-                worker_id=w.worker_id, matched_blocks=_matched(matches, w.worker_id),
+                worker_id=w.worker_id, matched_blocks=matched[w.worker_id],
                 queued_tokens=w.queued_tokens + self._assigned[w.worker_id],
                 running=w.running + w.waiting, free_blocks=w.free_blocks,
             )
@@ -58,16 +94,35 @@ class CacheAwareRouting:
         decode = [
             DecodeCandidate(
                 worker_id=w.worker_id, free_blocks=w.free_blocks, total_blocks=w.total_blocks,
-                running=w.running + w.waiting, matched_blocks=_matched(matches, w.worker_id),
+                running=w.running + w.waiting, matched_blocks=matched[w.worker_id],
                 queued_prefill_tokens=w.queued_tokens,
             )
             for w in live if w.role in ("decode", "both")
         ]
+        sources = [PullSource(w.worker_id, matched[w.worker_id], w.queued_tokens + self._assigned[w.worker_id])
+                   for w in live if matched[w.worker_id] > 0]
+        request = RouteRequest(len(req.prompt_token_ids), self.block_size, req.params.max_tokens,
+                               block_bytes=int(max((w.kv_bytes_per_token for w in live), default=0) * self.block_size),
+                               link_bytes_per_s=self.link_bytes_per_s or measured_link_speed(live))
         try:
-            return self.policy.route(RouteRequest(len(req.prompt_token_ids), self.block_size, req.params.max_tokens),
-                                     prefill, decode)
+            decision = self.policy.route(request, prefill, decode, sources=sources)
         except NoCandidates as e:  # every worker of a kind is down: the client should retry later
             raise BackendUnavailable(str(e)) from e
+        return Route(decision, tuple(hashes))
+
+    def start(self, request_id: str, route: Route, uncached_tokens: int) -> None:
+        """``route`` is being carried out: count its prefill work and remember its blocks as pending
+        on the workers that will hold them (the prefill worker, and the decode worker it hands to)."""
+        d = route.decision
+        self.assign(d.prefill_worker, uncached_tokens)
+        prompt = route.hashes
+        for worker_id in {d.prefill_worker or d.decode_worker, d.decode_worker}:
+            self.pending.record(request_id, worker_id, prompt)
+
+    def prefilled(self, request_id: str, route: Route, uncached_tokens: int) -> None:
+        """The prefill of a started route is over (done, failed or abandoned)."""
+        self.done(route.decision.prefill_worker, uncached_tokens)
+        self.pending.finish(request_id)
 
     def assign(self, worker_id: str | None, tokens: int) -> None:
         if worker_id is not None:
@@ -78,6 +133,8 @@ class CacheAwareRouting:
             self._assigned[worker_id] = max(0, self._assigned[worker_id] - tokens)
 
 
-def _matched(matches: dict, worker_id: str) -> int:
-    m = matches.get(worker_id)
-    return m.matched_blocks if m is not None else 0
+def measured_link_speed(workers: Sequence[WorkerStats]) -> float:
+    """Bytes per second of the KV reads the workers timed (0.0 until enough bytes were read)."""
+    timed = [w.kv_transfer for w in workers if w.kv_transfer.seconds]
+    nbytes, seconds = sum(t.bytes for t in timed), sum(t.seconds or 0.0 for t in timed)
+    return nbytes / seconds if nbytes >= MIN_MEASURED_BYTES and seconds > 0 else 0.0

@@ -13,7 +13,9 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from kvstore.hashing import BlockHash
 from workers.engine.engine import Engine
+from workers.engine.peer import export_id
 from workers.host import set_engine_thread
 from workers.engine.types import GenerateRequest, KVHandle, RequestOutput, WorkerError, WorkerStats
 from workers.parallel.group import ExpertParallelError
@@ -148,18 +150,19 @@ class EngineWorker:
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        """Whole request on this engine (role ``both``, or a fallback). Closing the iterator aborts."""
+    async def generate(self, request: GenerateRequest, prefix: KVHandle | None = None) -> AsyncIterator[RequestOutput]:
+        """Whole request on this engine (role ``both``, or a fallback). Closing the iterator aborts.
+        ``prefix``: a peer's exported prompt blocks to read first (``export``)."""
         queue = self._bridge()
-        self.engine.add_request(request, queue.put_threadsafe)
+        self.engine.add_request(request, queue.put_threadsafe, prefix)
         async with aclosing(self._drain(queue, request.request_id)) as outs:
             async for out in outs:
                 yield out
 
-    async def prefill(self, request: GenerateRequest) -> KVHandle:
+    async def prefill(self, request: GenerateRequest, prefix: KVHandle | None = None) -> KVHandle:
         """Prefill on a ``prefill``-role engine → the leased KV handle (first token included)."""
         queue = self._bridge()
-        self.engine.add_request(request, queue.put_threadsafe)
+        self.engine.add_request(request, queue.put_threadsafe, prefix)
         try:
             item = await queue.get()
         except BaseException:
@@ -191,6 +194,17 @@ class EngineWorker:
         async with aclosing(self._drain(queue, request.request_id)) as outs:
             async for out in outs:
                 yield out
+
+    async def export(self, request_id: str, hashes: list[BlockHash], first_block: int) -> KVHandle | None:
+        """Lease the longest prefix of ``hashes`` this worker holds for a peer (None: it holds none).
+        The lease ends at ``release(workers.engine.peer.export_id(request_id))`` or at its expiry."""
+        queue = self._bridge()
+        self.engine.export_prefix(request_id, hashes, first_block, queue.put_threadsafe)
+        try:
+            return await queue.get()
+        except BaseException:  # the caller gave up: nobody will read the blocks
+            self.engine.release(export_id(request_id))
+            raise
 
     def _bridge(self) -> "_ThreadQueue":
         return _ThreadQueue(asyncio.get_running_loop())

@@ -359,3 +359,76 @@ def test_prefill_engine_in_another_process_hands_kv_to_decode(tiny_ckpt):
         proc.join(10)
         if proc.is_alive():
             proc.kill()
+
+
+def _holder_engine_main(conn, path, first, second_hashes, name: str) -> None:
+    """Child: an engine holding ``first``'s blocks behind a NIXL holder; exports the prefix of the
+    second prompt, sends the handle, then steps until told to stop (or is killed)."""
+    from workers.engine.config import EngineConfig
+    from workers.engine.engine import Engine
+    from workers.model import load_model
+
+    torch.set_num_threads(1)
+    engine = Engine(load_model(path), EngineConfig(num_blocks=16), worker_id="holder-0", model_id="m",
+                    holder_factory=lambda storage: NixlHolder(name, storage))
+    outs: list = []
+    engine.add_request(first, outs.append)
+    while not (outs and outs[-1].finished):
+        engine.step()
+    got: list = []
+    engine.export_prefix("pull-1", second_hashes, 0, got.append)
+    engine.step()
+    conn.send(got[0])
+    while not conn.poll(0.01):
+        engine.step()
+    conn.send(("leases", len(engine.leases)))
+
+
+@pytest.mark.parametrize("holder", ["alive", "killed"])
+def test_a_prefix_pulled_from_a_peer_process_or_recomputed_when_it_died(tiny_ckpt, holder):
+    """A peer pull over NIXL between processes: the puller reads the holder's blocks of the shared
+    prefix and starts from them; when the holder died between its export and the read, the pull fails
+    and the prefix is computed. The tokens are the reference's either way."""
+    from kvstore.hashing import block_hashes
+    from tests.engine.conftest import reference_greedy
+    from workers.engine.config import EngineConfig
+    from workers.engine.engine import Engine
+    from workers.engine.types import GenerateRequest, SamplingParams
+    from workers.model import load_model
+
+    shared = tuple(torch.randint(2, VOCAB, (192,), generator=torch.Generator().manual_seed(2)).tolist())
+    first = GenerateRequest("first", shared + (5, 6, 7), SamplingParams(max_tokens=2, ignore_eos=True))
+    second = GenerateRequest("pull-1", shared + (9, 8), SamplingParams(max_tokens=4, ignore_eos=True))
+    hashes = block_hashes(second.prompt_token_ids[:-1], model_id="m")
+    conn, child = CTX.Pipe()
+    proc = CTX.Process(target=_holder_engine_main, args=(child, tiny_ckpt, first, hashes, f"holder-{uuid.uuid4().hex[:8]}"),
+                       daemon=True)
+    proc.start()
+    transfer = NixlTransfer(f"puller-{uuid.uuid4().hex[:8]}", timeout_s=5.0)
+    try:
+        model = load_model(tiny_ckpt)
+        want = reference_greedy(model, second.prompt_token_ids, 4)
+        puller = Engine(model, EngineConfig(num_blocks=16), worker_id="puller-0", model_id="m", transfer=transfer)
+        assert conn.poll(120), "holder process sent no handle"
+        handle = conn.recv()
+        assert isinstance(handle, KVHandle) and len(handle.block_ids) == 3 and handle.endpoint["backend"] == "nixl"
+        if holder == "killed":
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(10)
+        outs: list = []
+        puller.add_request(second, outs.append, handle)
+        while not (outs and outs[-1].finished):
+            puller.step()
+        assert [t for o in outs for t in o.new_token_ids] == want
+        pulled = 3 if holder == "alive" else 0
+        assert outs[-1].usage.cached_tokens == 64 * pulled
+        assert puller.peers.stats() == {"pulled_blocks": pulled, "pulled_bytes": pulled * puller.layout.bytes_per_block,
+                                        "pull_failures": int(holder == "killed"), "exported_blocks": 0}
+        if holder == "alive":  # the READ's notification ended the export's lease
+            conn.send("stop")
+            assert conn.poll(30) and conn.recv() == ("leases", 0)
+    finally:
+        transfer.close()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()

@@ -145,7 +145,7 @@ class Recording:
 
     name = "recording"
 
-    def route(self, request, prefill, decode) -> RouteDecision:
+    def route(self, request, prefill, decode, sources=()) -> RouteDecision:
         self.offered = (list(prefill), list(decode))
         return RouteDecision(prefill[0].worker_id if prefill else None, decode[0].worker_id, 0, "recorded")
 

@@ -13,7 +13,9 @@ from router.policy import (
     DSACostModel,
     DSAServePolicy,
     NoCandidates,
+    PeerPull,
     PrefillCandidate,
+    PullSource,
     RouteRequest,
     RoutingConfig,
     choose_decode,
@@ -187,3 +189,43 @@ def test_every_named_policy_exists():
         assert make_policy(name).name == name
     with pytest.raises(ValueError, match="unknown routing policy"):
         make_policy("fastest")
+
+
+# ---------------------------------------------------------------------------------------------- peer pulls
+def test_a_busy_holder_is_bypassed_by_pulling_its_prefix():
+    """p0 holds 64 blocks (4096 tokens) but has minutes of work queued; p1 reads the blocks from it
+    (a 25 GB/s link moves V3.2's 64 blocks of 3 MB in ~8 ms) instead of computing them."""
+    req = RouteRequest(4096 + 100, BS, 16)
+    cands = prefill(2, p0={"matched_blocks": 64, "queued_s": 60.0})
+    d = policy(temperature_s=0.0).route(req, cands, decode(), sources=[PullSource("p0", 64, queued_tokens=2048)])
+    assert d.prefill_worker == "p1" and d.reason == "peer_pull"
+    assert d.pull == PeerPull("p0", first_block=0, num_blocks=64) and d.expected_cached_tokens == 4096
+
+
+def test_a_pull_only_moves_what_the_puller_lacks_and_never_from_itself():
+    req = RouteRequest(4096 + 100, BS, 16)
+    cands = prefill(2, p0={"matched_blocks": 64, "queued_s": 60.0}, p1={"matched_blocks": 10})
+    sources = [PullSource("p0", 64), PullSource("p1", 10)]
+    d = policy(temperature_s=0.0).route(req, cands, decode(), sources=sources)
+    assert d.pull == PeerPull("p0", first_block=10, num_blocks=54)
+    idle = prefill(2, p0={"matched_blocks": 64})  # the holder is idle: it runs the request itself
+    d = policy(temperature_s=0.0).route(req, idle, decode(), sources=sources)
+    assert d.prefill_worker == "p0" and d.pull is None
+
+
+def test_no_pull_when_moving_the_bytes_costs_more_than_computing_them():
+    req = RouteRequest(4096 + 100, BS, 16, link_bytes_per_s=1e6)  # 1 MB/s: 200 s for 64 blocks
+    cands = prefill(2, p0={"matched_blocks": 64, "queued_s": 60.0})
+    d = policy(temperature_s=0.0).route(req, cands, decode(), sources=[PullSource("p0", 64)])
+    assert d.prefill_worker == "p1" and d.pull is None and d.expected_cached_tokens == 0
+    off = policy(temperature_s=0.0, peer_pulls=False).route(RouteRequest(4096 + 100, BS, 16), cands, decode(),
+                                                             sources=[PullSource("p0", 64)])
+    assert off.pull is None
+
+
+def test_pull_cost_counts_the_holders_current_step_and_the_bytes():
+    p = policy()
+    req = RouteRequest(4096, BS, block_bytes=10**6, link_bytes_per_s=1e9)
+    assert p.pull_s(req, PullSource("p0", 8), 8) == pytest.approx(8e-3)
+    busy = p.pull_s(req, PullSource("p0", 8, queued_tokens=10**6), 8)
+    assert busy == pytest.approx(8e-3 + COST.prefill_s(p.config.step_tokens))

@@ -30,6 +30,10 @@ class EngineConfig:
     host_cache_blocks: int = 0  # context cache: evicted blocks kept in host memory (0: off)
     disk_cache_dir: str | None = None  # context cache on disk (None: off)
     disk_cache_blocks: int = 0
+    # Context cache in a folder shared by every worker that mounts it (kvstore.shared_disk), bounded
+    # by shared_disk_blocks in total across them; off unless both are set.
+    shared_disk_dir: str | None = None
+    shared_disk_blocks: int = 0
     # KV pool from a memory budget instead of num_blocks (workers/engine/kv_budget.py); at most one.
     kv_memory_bytes: int | None = None
     kv_memory_fraction: float | None = None
@@ -49,5 +53,7 @@ class EngineConfig:
             raise ValueError(f"engine config kv_memory_bytes must be ≥ 1, got {self.kv_memory_bytes}")
         if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction <= 1:
             raise ValueError(f"engine config kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.shared_disk_blocks < 0:
+            raise ValueError(f"engine config shared_disk_blocks must be ≥ 0, got {self.shared_disk_blocks}")
         if self.lease_s <= 0:
             raise ValueError(f"engine config lease_s must be > 0, got {self.lease_s}")

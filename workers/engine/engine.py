@@ -6,6 +6,9 @@
 - ``decode``: ``import_kv`` pulls a handle's blocks through a ``KVTransfer`` and continues decoding.
   It can still prefill: a preempted sequence is recomputed locally.
 
+Any role with a holder can ``export_prefix`` blocks it holds, and any role with a transfer can start a
+request from a peer's exported prefix (``add_request(..., prefix=handle)``): see ``workers.engine.peer``.
+
 Thread model: ``add_request``/``import_kv``/``abort``/``release`` may be called from any thread; they
 queue commands that ``step()`` applies on the engine's own thread, so scheduling state has one owner.
 
@@ -38,6 +41,7 @@ from .config import EngineConfig, Role
 from .kv_manager import KVCacheManager
 from .leases import KVImport, KVImporter, LeaseTable
 from .output import OutputProcessor, Sink
+from .peer import PeerCache
 from .runner import ModelRunner
 from .sampler import make_generator
 from .scheduler import Scheduler, SchedulerOutput
@@ -71,7 +75,10 @@ class Engine:
         holder_factory: Callable[[PagedKVStorage], KVHolder] | None = None,
         on_block_event: Callable[[BlockEvent, BlockHash], None] | None = None,
         on_tier_event: TierEvent | None = None,
+        on_shared_event: Callable[[str, BlockHash], None] | None = None,
     ) -> None:
+        """``on_block_event``/``on_tier_event``: this worker's blocks for the KV index;
+        ``on_shared_event``: blocks it wrote to or evicted from a shared disk cache folder."""
         self_test()
         mc = model.config
         self.model, self.config, self.role = model, config, role
@@ -87,7 +94,7 @@ class Engine:
         )
         self.config = config = kv_budget.fit(config, layout, model.embed.weight.device)
         self.kv = KVCacheManager(layout, config, model.embed.weight.device, on_block_event=on_block_event,
-                                 on_tier_event=on_tier_event)
+                                 on_tier_event=on_tier_event, on_shared_event=on_shared_event)
         self.scheduler = Scheduler(config, self.kv.pool, restore=self.kv.restore)
         self.runner = ModelRunner(model, self.kv.storage)
         self.outputs = OutputProcessor(mc.eos_token_id, self.max_model_len)
@@ -103,6 +110,7 @@ class Engine:
         self.leases = LeaseTable(self.kv, config.lease_s, self.holder)
         self.importer = KVImporter(self.kv, self.fingerprint, transfer, worker_id,
                                    lambda r: self._capacity_error(len(r.prompt_token_ids), r.params.max_tokens))
+        self.peers = PeerCache(self.kv, self.leases, transfer, worker_id, self.fingerprint)
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self.wake_event = threading.Event()  # an EngineLoop shares one across its engines
         self._seqs: dict[str, Sequence] = {}
@@ -130,9 +138,17 @@ class Engine:
         return self.kv.context_cache
 
     # ------------------------------------------------------------------ any thread
-    def add_request(self, request: GenerateRequest, sink: Sink) -> None:
-        if not self._enqueue(("add", request, sink)):
+    def add_request(self, request: GenerateRequest, sink: Sink, prefix: KVHandle | None = None) -> None:
+        """Run ``request``; ``prefix``: a peer's exported blocks of its prompt, read before it is scheduled."""
+        if not self._enqueue(("add", request, sink, prefix)):
             OutputProcessor.send(request.request_id, sink, OutputProcessor.error_output(request, self._failed))
+
+    def export_prefix(self, request_id: str, hashes: list[BlockHash], first_block: int,
+                      sink: Callable[[KVHandle | None], None]) -> None:
+        """Lease the longest prefix of ``hashes`` held here for a peer: ``sink`` gets the handle, or None
+        when none of it is held (or the engine has failed). Released by ``release(export_id)``."""
+        if not self._enqueue(("export", request_id, hashes, first_block, sink)):
+            sink(None)
 
     def import_kv(self, request: GenerateRequest, handle: KVHandle, sink: Sink, on_read: Callable[[Exception | None], None]) -> None:
         imp = KVImport(request, handle, sink, on_read)
@@ -168,6 +184,8 @@ class Engine:
                 OutputProcessor.send(cmd[1].request_id, cmd[2], OutputProcessor.error_output(cmd[1], message))
             elif cmd[0] == "import":
                 self.importer.pending.append(cmd[1])
+            elif cmd[0] == "export":
+                cmd[4](None)
         self.importer.fail_all(message)
         for seq in list(self._seqs.values()):
             self.outputs.emit(seq, "error", message)
@@ -192,7 +210,8 @@ class Engine:
         """Load and KV transfer counters; read racily from other threads. ``healthy`` stays True: the
         serving process knows whether this engine's loop still runs."""
         elapsed = max(1e-9, time.monotonic() - self._started)
-        side = self.transfer if self.transfer is not None else self.holder
+        # A prefill worker reports its holder side (hand-offs), others their reader side (imports).
+        side = self.holder if self.role == "prefill" and self.holder is not None else self.transfer or self.holder
         kv = TransferStats.from_json(side.stats()) if hasattr(side, "stats") else TransferStats(getattr(side, "name", "none"))
         return WorkerStats(
             worker_id=self.worker_id, role=self.role, waiting=len(self.scheduler.waiting) + len(self.importer),
@@ -201,6 +220,8 @@ class Engine:
             requests_total=self.requests_total, queued_tokens=self.queued_prefill_tokens(), kv_transfer=kv,
             weight_bytes=self.runner.weight_bytes, kv_bytes_per_token=self.kv.layout.bytes_per_token,
             context_cache_hits=dict(self.kv.context_cache.hits) if self.kv.context_cache is not None else {},
+            peer_pulls=self.peers.stats(), step_tokens=self.config.max_num_batched_tokens,
+            disk_volume=self.kv.shared_disk.volume_id if self.kv.shared_disk is not None else None,
         )
 
     def queued_prefill_tokens(self) -> int:
@@ -298,6 +319,7 @@ class Engine:
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
+        self.scheduler.release_held(seq)
         self.kv.free(seq)
         seq.status = SeqStatus.FINISHED
         self._seqs.pop(seq.request_id, None)
@@ -328,7 +350,9 @@ class Engine:
     def _apply(self, cmd: tuple) -> None:
         kind = cmd[0]
         if kind == "add":
-            self._add(cmd[1], cmd[2])
+            self._add(cmd[1], cmd[2], cmd[3])
+        elif kind == "export":
+            self._export(*cmd[1:])
         elif kind == "import":
             self.requests_total += 1
             self.importer.pending.append(cmd[1])
@@ -340,6 +364,10 @@ class Engine:
     def _command_failed(self, cmd: tuple, error: Exception) -> None:
         """End the request a failed command was about; the engine's other requests go on."""
         kind, arg = cmd[0], cmd[1]
+        if kind == "export":  # nothing was leased; the peer computes the prefix itself
+            log.error("export of %s's prefix failed: %s", arg, error_message(error), exc_info=error)
+            cmd[4](None)
+            return
         rid = arg.request_id if kind == "add" else arg.request.request_id if kind == "import" else arg
         seq = self._seqs.get(rid)
         if seq is not None and (kind != "add" or self.outputs.sinks.get(rid) is cmd[2]):
@@ -352,7 +380,7 @@ class Engine:
             self.importer.drop(rid)
             arg.notify(TransferError(error_message(error)))
 
-    def _add(self, request: GenerateRequest, sink: Sink) -> None:
+    def _add(self, request: GenerateRequest, sink: Sink, prefix: KVHandle | None = None) -> None:
         self.requests_total += 1
         error = self._capacity_error(len(request.prompt_token_ids), request.params.max_tokens)
         if error:
@@ -362,7 +390,19 @@ class Engine:
         seq.handoff = self.role == "prefill"
         self.outputs.register(request.request_id, sink)
         self._seqs[request.request_id] = seq
+        if prefix is not None:
+            self.peers.pull(seq, prefix)
         self.scheduler.add(seq)
+
+    def _export(self, request_id: str, hashes: list[BlockHash], first_block: int,
+                sink: Callable[[KVHandle | None], None]) -> None:
+        handle = self.peers.export(request_id, hashes, first_block)
+        try:
+            sink(handle)
+        except Exception:  # the caller is gone: nobody will read the blocks
+            if handle is not None:
+                self.leases.release(handle.request_id)
+            raise
 
     def _new_sequence(self, request: GenerateRequest, token_ids: list[int]) -> Sequence:
         return Sequence(

@@ -1,7 +1,7 @@
 """KVCacheManager: the engine's KV memory — paged storage, block pool, context-cache tiers, commits.
 
 The scheduler asks the pool for blocks; this class owns what is behind them: the bytes
-(``PagedKVStorage``), demotion of evicted full blocks to the host/disk tiers and their restore, and
+(``PagedKVStorage``), demotion of evicted full blocks to the host/disk/shared tiers and their restore, and
 committing a sequence's full blocks under their chained hashes so later prompts can reuse them.
 """
 
@@ -14,7 +14,8 @@ import torch
 from kvstore.block_pool import BlockEvent, BlockPool
 from kvstore.hashing import BlockHash
 from kvstore.paged import BlockLayout, PagedKVStorage
-from kvstore.tiers import ContextCache, TierEvent
+from kvstore.shared_disk import SharedDiskTier
+from kvstore.tiers import ContextCache, SharedEvent, TierEvent
 
 from .config import EngineConfig
 from .sequence import Sequence
@@ -31,14 +32,20 @@ class KVCacheManager:
         *,
         on_block_event: Callable[[BlockEvent, BlockHash], None] | None = None,
         on_tier_event: TierEvent | None = None,
+        on_shared_event: SharedEvent | None = None,
     ) -> None:
         self.layout, self.block_size = layout, config.block_size
         self.storage = PagedKVStorage(layout, config.num_blocks, device=device)
+        self.shared_disk: SharedDiskTier | None = None
+        if config.shared_disk_dir and config.shared_disk_blocks > 0:
+            self.shared_disk = SharedDiskTier(config.shared_disk_dir, config.shared_disk_blocks)
         self.context_cache: ContextCache | None = None
-        if config.host_cache_blocks > 0 or (config.disk_cache_dir and config.disk_cache_blocks > 0):
+        if (config.host_cache_blocks > 0 or (config.disk_cache_dir and config.disk_cache_blocks > 0)
+                or self.shared_disk is not None):
             self.context_cache = ContextCache(
                 layout.bytes_per_block, config.host_cache_blocks, config.disk_cache_dir,
                 config.disk_cache_blocks, on_event=on_tier_event,
+                shared=self.shared_disk, on_shared_event=on_shared_event,
             )
         self.pool = BlockPool(config.num_blocks, on_event=on_block_event,
                               on_evict=self._demote if self.context_cache else None)

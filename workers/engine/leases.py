@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvstore.handle import KVHandle, LayoutFingerprint
+from kvstore.hashing import BlockHash
 from kvstore.transfer import KVHolder, KVTransfer, TransferError
 
 from .kv_manager import KVCacheManager
@@ -20,11 +21,12 @@ Sink = Callable[[RequestOutput | KVHandle], None]
 
 
 class LeaseTable:
-    """Prefilled sequences whose blocks are held for a reader, until released or expired."""
+    """Blocks held for a reader, until released or expired: a prefilled sequence's (``hand_off``) or
+    a prompt prefix another worker pulls (``export``)."""
 
     def __init__(self, kv: KVCacheManager, lease_s: float, holder: KVHolder | None) -> None:
         self.kv, self.lease_s, self.holder = kv, lease_s, holder
-        self._leases: dict[str, tuple[Sequence, float]] = {}
+        self._leases: dict[str, tuple[list[int], float]] = {}  # lease id → (referenced blocks, expiry)
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -44,13 +46,28 @@ class LeaseTable:
             endpoint=self.holder.endpoint(seq.block_table, seq.request_id) if self.holder else {},
             block_generations=self.kv.pool.generations(seq.block_table),
         )
-        self._leases[seq.request_id] = (seq, expires)
+        self._leases[seq.request_id] = (seq.block_table, expires)
+        return handle
+
+    def export(self, lease_id: str, blocks: list[int], hashes: tuple[BlockHash, ...], first_block: int,
+               worker_id: str, fingerprint: LayoutFingerprint) -> KVHandle:
+        """Lease ``blocks`` (one reference each, taken by the caller) holding prompt blocks
+        ``first_block ..`` with ``hashes``, and describe them for a peer. If this raises, the caller
+        still owns the references."""
+        expires = time.time() + self.lease_s
+        handle = KVHandle(
+            worker_id=worker_id, request_id=lease_id, block_ids=tuple(blocks), num_tokens=0, first_token=-1,
+            fingerprint=fingerprint, lease_expires_at=expires,
+            endpoint=self.holder.endpoint(blocks, lease_id) if self.holder else {},
+            block_generations=self.kv.pool.generations(blocks), first_block=first_block, block_hashes=hashes,
+        )
+        self._leases[lease_id] = (blocks, expires)
         return handle
 
     def release(self, request_id: str) -> None:
         lease = self._leases.pop(request_id, None)
         if lease is not None:
-            self.kv.free(lease[0])
+            self.kv.pool.release(lease[0])
 
     def clear(self) -> None:
         """Forget every lease without freeing (the pool is being reset)."""

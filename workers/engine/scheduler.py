@@ -14,6 +14,11 @@ one priority level. Since every waiting sequence ages at the same rate, that ord
 ``arrival + priority * priority_aging_s``, fixed at arrival: a request of priority ``p`` goes ahead
 of any request of priority ``q`` that arrives more than ``(p - q) * priority_aging_s`` seconds
 after it. The head of the queue is admitted first; while it cannot get blocks, nothing behind it is.
+
+Shared prefixes in flight: a waiting sequence whose next uncached block is being computed right now
+by a running sequence's prefill (the same prompt prefix, sent concurrently) is not admitted yet: it
+keeps its place and starts once those blocks are committed, from them, instead of computing the same
+prefix a second time. Sequences behind it go on meanwhile.
 """
 
 from __future__ import annotations
@@ -116,6 +121,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        computing = {h for seq in self.running for h in self._uncommitted_prompt(seq)}
         for seq in list(self.running):
             if budget <= 0:
                 break
@@ -130,15 +136,22 @@ class Scheduler:
                 budget -= n
                 continue
             # Could not fit even alone: it waits for blocks (another sequence may finish first).
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[i]
             if not seq.block_table:
                 self._take_prefix(seq)
+            if self._next_block(seq) in computing:  # another sequence is computing it: wait for it
+                self._untake_prefix(seq)
+                i += 1
+                continue
             n = min(seq.num_pending, budget)
             if not self._grow(seq, n):
                 self._untake_prefix(seq)
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
+            computing.update(self._uncommitted_prompt(seq))
+            self.release_held(seq)  # its own references to the pulled blocks replace the holding ones
             seq.status = SeqStatus.RUNNING
             seq.admitted_once = True
             self.running.append(seq)
@@ -146,10 +159,25 @@ class Scheduler:
             budget -= n
         return out
 
+    def _prompt_hashes(self, seq: Sequence) -> list[BlockHash]:
+        """Hashes of the full blocks a prefill of ``seq`` may take from the cache (never its last token)."""
+        return seq.full_block_hashes(self.config.block_size, len(seq.token_ids) - 1)
+
+    def _uncommitted_prompt(self, seq: Sequence) -> list[BlockHash]:
+        """Cacheable blocks ``seq``'s unfinished prefill will compute and commit (none once it decodes)."""
+        if seq.num_pending <= 1:
+            return []
+        return self._prompt_hashes(seq)[seq.committed_blocks :]
+
+    def _next_block(self, seq: Sequence) -> BlockHash | None:
+        """The hash of the first block ``seq`` has to compute, if it is a cacheable one."""
+        hashes = self._prompt_hashes(seq)
+        return hashes[len(seq.block_table)] if len(seq.block_table) < len(hashes) else None
+
     def _take_prefix(self, seq: Sequence) -> None:
         """Start ``seq`` from its longest cached prefix (at least one token is always computed)."""
         bs = self.config.block_size
-        hashes = seq.full_block_hashes(bs, len(seq.token_ids) - 1)
+        hashes = self._prompt_hashes(seq)
         hit = self.pool.lookup(hashes)
         self.pool.acquire(hit)
         if self.restore is not None and len(hit) < len(hashes):
@@ -159,6 +187,12 @@ class Scheduler:
         seq.committed_blocks = len(hit)
         if not seq.admitted_once:
             seq.num_cached_tokens = min(seq.num_computed_tokens, seq.prompt_len)
+
+    def release_held(self, seq: Sequence) -> None:
+        """Drop the references that kept ``seq``'s pulled prefix blocks cached until its admission."""
+        if seq.held_blocks:
+            self.pool.release(seq.held_blocks)
+            seq.held_blocks = []
 
     def _untake_prefix(self, seq: Sequence) -> None:
         self.pool.release(seq.block_table)

@@ -46,6 +46,7 @@ class Sequence:
     emitted: int = 0  # generated tokens already reported
     admitted_once: bool = False
     handoff: bool = False  # prefill role: hand the KV to a decode worker after the first token
+    held_blocks: list[int] = field(default_factory=list)  # pulled prefix blocks, referenced until admission
 
     @property
     def request_id(self) -> str:

@@ -153,6 +153,9 @@ class WorkerStats:
     weight_bytes: int = 0  # resident bytes of the model's parameters and buffers on this worker
     kv_bytes_per_token: float = 0.0  # KV cache bytes one token takes (all layers)
     context_cache_hits: dict[str, int] = field(default_factory=dict)  # blocks restored, per tier; {}: no tiers
+    peer_pulls: dict[str, int] = field(default_factory=dict)  # pulled/exported prefix blocks (workers.engine.peer)
+    step_tokens: int = 0  # token budget of one engine step (a peer's export waits for the current step)
+    disk_volume: str | None = None  # the shared disk cache folder it reads and writes (its volume id)
 
     def to_json(self) -> dict:
         out = {
@@ -166,6 +169,12 @@ class WorkerStats:
             out["ep"] = self.ep
         if self.context_cache_hits:
             out["context_cache_hits"] = dict(self.context_cache_hits)
+        if self.peer_pulls:
+            out["peer_pulls"] = dict(self.peer_pulls)
+        if self.step_tokens:
+            out["step_tokens"] = self.step_tokens
+        if self.disk_volume is not None:
+            out["disk_volume"] = self.disk_volume
         return out
 
     @classmethod
@@ -176,5 +185,6 @@ class WorkerStats:
             requests_total=d["requests_total"], queued_tokens=d["queued_tokens"], healthy=d["healthy"],
             indexed=d["indexed"], kv_transfer=TransferStats.from_json(d["kv_transfer"]), ep=d.get("ep"),
             weight_bytes=d.get("weight_bytes", 0), kv_bytes_per_token=d.get("kv_bytes_per_token", 0.0),
-            context_cache_hits=dict(d.get("context_cache_hits") or {}),
+            context_cache_hits=dict(d.get("context_cache_hits") or {}), peer_pulls=dict(d.get("peer_pulls") or {}),
+            step_tokens=d.get("step_tokens", 0), disk_volume=d.get("disk_volume"),
         )
