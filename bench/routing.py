@@ -6,7 +6,7 @@ A discrete-event simulation of a disaggregated cluster: N prefill workers (each 
 router sees exactly what a dsaserve router sees: per worker its queued work and the matched prefix
 from a KV index (``kvstore.index.BlockLocations``, kept current by stored/removed events).
 
-Prefill time is ``router.policy.DSACostModel`` for DeepSeek-V3.2 (671B shape) on one H800 node (8 GPUs):
+Prefill time is ``router.cost_model.DSACostModel`` for DeepSeek-V3.2 (671B shape) on one H800 node (8 GPUs):
 - linear part (MLA + indexer projections, MoE, sparse attention over min(context, 2048) positions) at
   2.7 PFLOP/s per node = 340 TFLOP/s per GPU (~17 % of FP8 dense peak): ≈32k computed tokens/s at 4k
   context, DeepSeek's published 73.7k input tokens/s per H800 node with 56.3 % cache hits;
@@ -16,6 +16,21 @@ Prefill time is ``router.policy.DSACostModel`` for DeepSeek-V3.2 (671B shape) on
 A 512-token block of V3.2 KV (FP8 latent 656 B + indexer key 132 B per token and layer, 61 layers) is
 24.6 MB; the default 8192-block cache per prefill worker is ≈200 GB (HBM plus host DRAM tier).
 
+KV transfers (``SimConfig.link_bytes_per_s``, default 25e9 B/s: one 200 Gb/s NIC per worker). The router
+is offered every worker, prefill or decode, whose index match is > 0 as a pull source (``PullSource``,
+with its waiting and running uncached tokens), a block's bytes (``kv_bytes_per_token × 512``) and the
+link speed. A planned pull is carried out when its job starts on the puller: the leading blocks of the
+planned range the source still holds *then* (touched in its LRU) and the puller lacks are copied into
+the puller's cache; the job's service time grows by bytes / link, plus whatever is left of the holder's
+current step (the export wait the policy prices), and its prefill is priced with the tokens actually
+cached. Prefill→decode hand-offs move the prompt blocks the decode worker does not hold yet. Not
+modelled: link contention (every transfer gets the whole link), the hand-off's time (TTFT ends with the
+prefill), pull failures other than eviction, and the real dispatcher's route-time lease on the source.
+
+Index lag (``--index-lag-s``): a worker's stored/removed blocks reach the router's index that many
+seconds late (the real publisher batches every 0.1 s); ``--pending-routes``: the router extends index
+matches by the blocks it routed (``router.pending.PendingRoutes``: in flight, then 10 s).
+
 Load scaling: arrival times are compressed by ``speedup = ρ · N · span / W``, where W is the trace's
 prefill work with no cache at all (Σ prefill_s(input_length)) and span its duration; ρ = 0.85 by
 default. So the offered work would keep the cluster 85 % busy even with a 0 % hit rate: every policy is
@@ -23,10 +38,13 @@ stable, and caching shows up as shorter queues and less compute.
 
 Metrics: ``hit_rate`` = prompt blocks reused (found cached where the prefill ran) / blocks requested;
 TTFT = arrival → end of prefill (queueing included); ``max_mean_load`` = the busiest prefill worker's
-busy seconds / the mean; ``local_prefill_*`` = what conditional disaggregation moved to decode workers.
+busy seconds / the mean; ``local_prefill_*`` = what conditional disaggregation moved to decode workers;
+``pulled_fraction`` = blocks read by peer pulls that the prefill reused / blocks requested (part of the
+hit rate); ``pull_bytes``, ``handoff_bytes`` = KV bytes moved by pulls and by hand-offs.
 
 ``python -m bench.routing --trace FILE --workers N --policy NAME --json`` prints one JSON object;
-without ``--policy``/``--json`` it prints a markdown table of every policy.
+without ``--policy``/``--json`` it prints a markdown table of every policy, with a "dsaserve (no pulls)"
+row (``--set peer_pulls=false``) after dsaserve. ``--set FIELD=VALUE`` overrides a RoutingConfig field.
 """
 
 from __future__ import annotations
@@ -191,11 +209,6 @@ class Server:
     running: int = 0  # decode sequences (decode workers only)
     used_blocks: int = 0
 
-    @property
-    def load_tokens(self) -> int:
-        """Uncached tokens waiting or running (what a worker's stats plus the router's count report)."""
-        return self.queued_tokens + (self.current.est_tokens if self.current else 0)
-
 
 class Simulation:
     def __init__(self, trace: Sequence[TraceRequest], policy_name: str, cfg: SimConfig, routing: RoutingConfig) -> None:
@@ -220,7 +233,8 @@ class Simulation:
         self.seq = 0
         self.ttft: list[float] = []
         self.hit_blocks = self.req_blocks = self.local = 0
-        self.pulls_planned = self.pulls = self.pulled_blocks = self.pull_blocks_moved = self.pull_short = 0
+        self.pulls_planned = self.pulls = self.pulled_blocks = self.pull_blocks_moved = self.pulls_short = 0
+        self.pulls_from_decode = 0  # pulls whose source was a decode worker's prompt cache
         self.pull_bytes = self.handoff_bytes = 0
         self.pull_s = 0.0
         self.reasons: dict[str, int] = {}
@@ -277,7 +291,8 @@ class Simulation:
             queued_prefill_tokens=s.queued_tokens) for w, s in self.decode.items()]
 
     def pull_sources(self, pm: dict[str, int], dm: dict[str, int]) -> list[PullSource]:
-        """Every worker, prefill or decode, the router believes holds a leading part of the prompt."""
+        """Every worker, prefill or decode, the router believes holds a leading part of the prompt, with
+        its uncached tokens waiting or running (what its stats plus the router's own count report)."""
         out = []
         for matched, servers in ((pm, self.prefill), (dm, self.decode)):
             for w, n in matched.items():
@@ -325,7 +340,7 @@ class Simulation:
         wait = max(0.0, job.export_ready_s - now)  # the export waited for the holder's current step
         want = r.hash_ids[p.first_block:p.first_block + p.num_blocks]
         held = self.server(p.source).cache.match(want)  # what survived in the source's LRU (touched)
-        self.pull_short += held < len(want)
+        self.pulls_short += held < len(want)
         got = want[:held]
         missing = [p.first_block + i for i, h in enumerate(got) if h not in srv.cache.blocks]
         moved = len(missing)
@@ -336,6 +351,7 @@ class Simulation:
         srv.cache.insert(got)
         now_hit = srv.cache.match(r.hash_ids)
         self.pulls += 1
+        self.pulls_from_decode += p.source in self.decode
         self.pull_blocks_moved += moved
         self.pulled_blocks += sum(i < now_hit for i in missing)  # moved blocks in the reused prefix
         self.pull_bytes += nbytes
@@ -393,7 +409,8 @@ class Simulation:
             "requests": len(ttft), "local_prefill_fraction": self.local / max(1, len(ttft)),
             "local_prefill_work_share": local_busy / max(1e-9, local_busy + sum(busy)),
             "speedup": self.speedup, "prefill_busy_fraction": sum(busy) / (len(busy) * max(1e-9, self.last_time())),
-            "pulls_planned": self.pulls_planned, "pulls": self.pulls, "pulls_short": self.pull_short,
+            "pulls_planned": self.pulls_planned, "pulls": self.pulls, "pulls_short": self.pulls_short,
+            "pulls_from_decode": self.pulls_from_decode,
             "pulled_blocks": self.pulled_blocks, "pull_blocks_moved": self.pull_blocks_moved,
             "pulled_fraction": self.pulled_blocks / max(1, self.req_blocks),
             "pull_bytes": self.pull_bytes, "handoff_bytes": self.handoff_bytes,
@@ -455,7 +472,8 @@ TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 def parse_overrides(items: Sequence[str]) -> RoutingConfig:
-    """``FIELD=VALUE`` strings → a RoutingConfig; values take the field's type (bools: true/false/1/0/yes/no/on/off)."""
+    """``FIELD=VALUE`` strings → a RoutingConfig; each value takes its field's type (a bool field:
+    true/false, 1/0, yes/no, on/off; ``bool("false")`` would be True)."""
     kinds = {f.name: type(f.default) for f in fields(RoutingConfig) if f.default is not MISSING}
     kwargs: dict[str, object] = {}
     for item in items:

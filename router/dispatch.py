@@ -186,16 +186,18 @@ class Dispatcher:
         self.routes[decision.reason] = self.routes.get(decision.reason, 0) + 1
         decode = self.workers.decode(decision.decode_worker)
         uncached = len(req.prompt_token_ids) - decision.expected_cached_tokens
-        self.routing.start(req.request_id, route, uncached)
-        prefilling = True
-        prefix = await self._export(req, route)
-        if decision.prefill_worker is None:  # conditional disaggregation: prefill on the decode worker
-            stream = decode.generate(req, prefix)
-        else:
-            stream = generate_disaggregated(req, self.workers.prefill(decision.prefill_worker), decode,
-                                            eos_token_id=self._info.eos_token_id,
-                                            max_model_len=self._info.max_context, prefix=prefix)
+        self.routing.start(req.request_id, route, uncached, remember=decision.pull is None)
+        prefilling, prefix = True, None
         try:
+            prefix = await self._export(req, route)
+            if decision.pull is not None:
+                self.routing.remember(req.request_id, route)
+            if decision.prefill_worker is None:  # conditional disaggregation: prefill on the decode worker
+                stream = decode.generate(req, prefix)
+            else:
+                stream = generate_disaggregated(req, self.workers.prefill(decision.prefill_worker), decode,
+                                                eos_token_id=self._info.eos_token_id,
+                                                max_model_len=self._info.max_context, prefix=prefix)
             async with aclosing(stream) as outs:
                 async for out in outs:
                     if prefilling:  # the first output means the prefill (and any pull) is done

@@ -110,7 +110,8 @@ class PullSource:
 
     worker_id: str
     matched_blocks: int
-    queued_tokens: int = 0  # its engine serves an export after its current step
+    queued_tokens: int = 0  # its engine serves an export after its current step ...
+    step_tokens: int = 0  # ... of at most this many tokens (0: RoutingConfig.step_tokens)
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ class DSAServePolicy:
         cfg = self.config
         block_bytes = request.block_bytes or cfg.cost.kv_bytes_per_token * request.block_size
         link = request.link_bytes_per_s or cfg.link_bytes_per_s
-        step = min(source.queued_tokens, cfg.step_tokens)
+        step = min(source.queued_tokens, source.step_tokens or cfg.step_tokens)
         return (cfg.cost.prefill_s(step) if step else 0.0) + blocks * block_bytes / link
 
     def _plan_pulls(self, request: RouteRequest, prefill: Sequence[PrefillCandidate], sources: Sequence[PullSource],

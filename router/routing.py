@@ -4,7 +4,8 @@ Per request: the prompt's chained block hashes (the same function the workers us
 longest-prefix lookup in the index, extended by the blocks this router itself just routed
 (``router.pending.PendingRoutes``: the index learns of them only after the worker computed and
 published them), candidates built from the latest worker stats plus the work this router assigned
-since those stats were taken, pull sources (every live worker holding part of the prompt), the
+since those stats were taken, pull sources (every live worker the index shows holding part of the
+prompt: a pending block may not be computed yet), the
 measured KV link speed, then the policy. Blocks in a shared disk cache folder count for every
 worker that mounts it (its ``disk_volume``). When the index fails in any way (``IndexUnavailable``, or an
 unexpected error) the request is routed by load (and pending blocks) alone and keeps flowing;
@@ -99,8 +100,9 @@ class CacheAwareRouting:
             )
             for w in live if w.role in ("decode", "both")
         ]
-        sources = [PullSource(w.worker_id, matched[w.worker_id], w.queued_tokens + self._assigned[w.worker_id])
-                   for w in live if matched[w.worker_id] > 0]
+        # Pull sources only where the index shows the blocks: pending ones may not be computed yet.
+        sources = [PullSource(w.worker_id, indexed[w.worker_id], w.queued_tokens + self._assigned[w.worker_id],
+                              w.step_tokens) for w in live if indexed.get(w.worker_id, 0) > 0]
         request = RouteRequest(len(req.prompt_token_ids), self.block_size, req.params.max_tokens,
                                block_bytes=int(max((w.kv_bytes_per_token for w in live), default=0) * self.block_size),
                                link_bytes_per_s=self.link_bytes_per_s or measured_link_speed(live))
@@ -110,14 +112,20 @@ class CacheAwareRouting:
             raise BackendUnavailable(str(e)) from e
         return Route(decision, tuple(hashes))
 
-    def start(self, request_id: str, route: Route, uncached_tokens: int) -> None:
-        """``route`` is being carried out: count its prefill work and remember its blocks as pending
-        on the workers that will hold them (the prefill worker, and the decode worker it hands to)."""
+    def start(self, request_id: str, route: Route, uncached_tokens: int, *, remember: bool = True) -> None:
+        """``route`` is being carried out: count its prefill work and (``remember``) its blocks as
+        pending on the workers that will hold them."""
+        self.assign(route.decision.prefill_worker, uncached_tokens)
+        if remember:
+            self.remember(request_id, route)
+
+    def remember(self, request_id: str, route: Route) -> None:
+        """Count the prompt's blocks as pending on the prefill worker and the decode worker it hands to.
+        A pull's destination is remembered once its prefix export is in hand: a request routed there
+        for the prefix meanwhile could reach it before the pull and compute the prefix itself."""
         d = route.decision
-        self.assign(d.prefill_worker, uncached_tokens)
-        prompt = route.hashes
         for worker_id in {d.prefill_worker or d.decode_worker, d.decode_worker}:
-            self.pending.record(request_id, worker_id, prompt)
+            self.pending.record(request_id, worker_id, route.hashes)
 
     def prefilled(self, request_id: str, route: Route, uncached_tokens: int) -> None:
         """The prefill of a started route is over (done, failed or abandoned)."""

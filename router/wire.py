@@ -266,6 +266,8 @@ def _worker_to_proto(w: WorkerStats) -> pb.WorkerStatus:
         indexed=bool(w.indexed), queued_tokens=w.queued_tokens, weight_bytes=w.weight_bytes,
         kv_bytes_per_token=w.kv_bytes_per_token,
         kv_transfer=pb.KVTransferStats(backend=kv.backend, bytes=kv.bytes, transfers=kv.transfers, failures=kv.failures),
+        context_cache_hits=w.context_cache_hits, disk_volume=w.disk_volume or "",
+        peer_pulls=pb.PeerPullStats(**w.peer_pulls) if w.peer_pulls else None,
     )
 
 
@@ -277,4 +279,7 @@ def _worker_from_proto(w: pb.WorkerStatus) -> WorkerStats:
         queued_tokens=w.queued_tokens, healthy=w.healthy, indexed=w.indexed,
         kv_transfer=TransferStats(kv.backend, kv.bytes, kv.transfers, kv.failures),
         weight_bytes=w.weight_bytes, kv_bytes_per_token=w.kv_bytes_per_token,
+        context_cache_hits=dict(w.context_cache_hits), disk_volume=w.disk_volume or None,
+        peer_pulls={f.name: getattr(w.peer_pulls, f.name) for f in w.peer_pulls.DESCRIPTOR.fields}
+        if w.HasField("peer_pulls") else {},
     )

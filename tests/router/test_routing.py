@@ -65,7 +65,7 @@ def test_no_live_decode_worker_means_unavailable():
 
 def test_a_routed_prefix_counts_on_its_worker_before_the_index_shows_it():
     """Back to back: the second request with the same prefix sees the first's blocks as held where the
-    first was routed (the index has nothing yet), and pull sources name that worker."""
+    first was routed (the index has nothing yet)."""
     policy = Recording()
     routing = CacheAwareRouting(policy, InMemoryKVIndex("m", BLOCK), model_id="m", block_size=BLOCK)
     workers = [worker("p0", "prefill"), worker("p1", "prefill"), worker("d0", "decode")]
@@ -75,7 +75,7 @@ def test_a_routed_prefix_counts_on_its_worker_before_the_index_shows_it():
     prefill, decode = policy.offered
     assert [c.matched_blocks for c in prefill] == [4, 0]  # 4 full blocks of the 19 tokens they share
     assert decode[0].matched_blocks == 4  # the decode worker will hold the prompt too
-    assert [(s.worker_id, s.matched_blocks) for s in policy.sources] == [("p0", 4), ("d0", 4)]
+    assert policy.sources == []  # only blocks the index shows can be pulled: these are not computed yet
     routing.prefilled("r1", first, len(PROMPT))  # in flight no more: pending for the TTL still
     asyncio.run(routing.decide(GenerateRequest("r3", PROMPT), workers))
     assert policy.offered[0][0].matched_blocks == 5
@@ -94,6 +94,7 @@ def test_a_shared_disk_volume_counts_for_every_worker_mounting_it():
     workers = [worker("p0", "prefill", disk_volume="v1"), worker("p1", "prefill"), worker("d0", "decode")]
     asyncio.run(routing.decide(GenerateRequest("r", PROMPT), workers))
     assert [c.matched_blocks for c in policy.offered[0]] == [2, 0]
+    assert [(s.worker_id, s.matched_blocks) for s in policy.sources] == [("p0", 2)]
 
 
 def test_the_link_speed_is_measured_from_the_workers_timed_reads():

@@ -317,7 +317,14 @@ class KVTransferStats(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., bytes: _Optional[int] = ..., transfers: _Optional[int] = ..., failures: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "role", "requests_total", "running", "waiting", "free_blocks", "total_blocks", "tokens_per_s", "kv_transfer", "healthy", "indexed", "queued_tokens", "weight_bytes", "kv_bytes_per_token")
+    __slots__ = ("id", "role", "requests_total", "running", "waiting", "free_blocks", "total_blocks", "tokens_per_s", "kv_transfer", "healthy", "indexed", "queued_tokens", "weight_bytes", "kv_bytes_per_token", "context_cache_hits", "peer_pulls", "disk_volume")
+    class ContextCacheHitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +339,9 @@ class WorkerStatus(_message.Message):
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PEER_PULLS_FIELD_NUMBER: _ClassVar[int]
+    DISK_VOLUME_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     requests_total: int
@@ -346,7 +356,22 @@ class WorkerStatus(_message.Message):
     queued_tokens: int
     weight_bytes: int
     kv_bytes_per_token: float
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., requests_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., healthy: _Optional[bool] = ..., indexed: _Optional[bool] = ..., queued_tokens: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[float] = ...) -> None: ...
+    context_cache_hits: _containers.ScalarMap[str, int]
+    peer_pulls: PeerPullStats
+    disk_volume: str
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., requests_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., healthy: _Optional[bool] = ..., indexed: _Optional[bool] = ..., queued_tokens: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[float] = ..., context_cache_hits: _Optional[_Mapping[str, int]] = ..., peer_pulls: _Optional[_Union[PeerPullStats, _Mapping]] = ..., disk_volume: _Optional[str] = ...) -> None: ...
+
+class PeerPullStats(_message.Message):
+    __slots__ = ("pulled_blocks", "pulled_bytes", "pull_failures", "exported_blocks")
+    PULLED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PULLED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PULL_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    pulled_blocks: int
+    pulled_bytes: int
+    pull_failures: int
+    exported_blocks: int
+    def __init__(self, pulled_blocks: _Optional[int] = ..., pulled_bytes: _Optional[int] = ..., pull_failures: _Optional[int] = ..., exported_blocks: _Optional[int] = ...) -> None: ...
 
 class RouterStatus(_message.Message):
     __slots__ = ("requests_total", "in_flight", "errors_total")
