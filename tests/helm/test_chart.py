@@ -168,7 +168,7 @@ def test_ray_pods_have_shm_and_the_model_volume(rendered):
 
 
 def test_chart_created_model_claim():
-    pvc = render("gpu").one("PersistentVolumeClaim")
+    pvc = render("gpu").one("PersistentVolumeClaim", "dsaserve-models")
     assert pvc["metadata"]["name"] == "dsaserve-models" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert "PersistentVolumeClaim" not in render("default").kinds()  # an existing claim by default
@@ -353,7 +353,8 @@ def test_routing_values_reach_the_router():
     assert render("gpu").args["routing"]["policy"] == "dynamo_cost"
     assert render("gpu").args["routing"]["local_prefill_max_tokens"] == 0
     assert render("default").args["routing"] == {"policy": "dsaserve", "alpha": 4, "beta": 1,
-                                                 "local_prefill_max_tokens": 1024, "temperature_s": 0.05}
+                                                 "local_prefill_max_tokens": 1024, "temperature_s": 0.05,
+                                                 "peer_pulls": True, "pending_ttl_s": 10}
 
 
 # ClusterConfig fields the chart sets on purpose without a value of their own.
@@ -393,3 +394,30 @@ def test_every_cluster_config_field_can_be_set_from_values():
         rendered |= {kind(k) for k in _keys(render(scenario).args)}
     missing = {kind(f) for f in _fields(ClusterConfig)} - rendered - set(NOT_FROM_VALUES)
     assert not missing, f"ClusterConfig fields the chart cannot set: {sorted(missing)}"
+
+
+def test_shared_disk_cache_mounts_one_readwritemany_claim_in_every_worker_pod():
+    """sharedDiskCache: the args name its folder, every worker pod (not the head) mounts one RWX claim
+    there, the chart creates that claim, and the routing settings of peer pulls pass through."""
+    from tests.helm.render import render_values
+
+    r = render_values({"sharedDiskCache": {"enabled": True, "mountPath": "/cache/shared", "max_blocks": 5000},
+                       "routing": {"peer_pulls": False, "link_bytes_per_s": 2.5e10}})
+    config = ClusterConfig.model_validate(r.args)
+    assert config.shared_disk_cache.dir == "/cache/shared" and config.shared_disk_cache.max_blocks == 5000
+    assert config.routing.peer_pulls is False and config.routing.link_bytes_per_s == 2.5e10
+    claim = r.one("PersistentVolumeClaim", "dsaserve-kv-cache")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    for name, template in r.pod_templates().items():
+        if name not in ("prefill", "decode", "head"):
+            continue
+        mounts = {m["name"]: m["mountPath"] for c in _containers(template) for m in c.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+        if name == "head":
+            assert "shared-kv-cache" not in volumes
+        else:
+            assert mounts["shared-kv-cache"] == "/cache/shared"
+            assert volumes["shared-kv-cache"]["persistentVolumeClaim"]["claimName"] == "dsaserve-kv-cache"
+    off = render("default")
+    assert "shared_disk_cache" not in off.args and "PersistentVolumeClaim" not in off.kinds()
+    assert render("gpu").one("PersistentVolumeClaim", "kv-shared")["spec"]["accessModes"] == ["ReadWriteMany"]

@@ -174,6 +174,12 @@ groups. Argument: the kind's values (.Values.prefill or .Values.decode).
       "jobs" (dict "enabled" $v.router.jobs.enabled "limits" ($v.router.jobs.limits | default dict)) -}}
 {{- $routing := dict "policy" $v.routing.policy "alpha" (float64 $v.routing.alpha) "beta" (float64 $v.routing.beta)
       "local_prefill_max_tokens" (int $v.routing.local_prefill_max_tokens) "temperature_s" (float64 $v.routing.temperature_s) -}}
+{{- if hasKey $v.routing "peer_pulls" }}{{ $_ := set $routing "peer_pulls" $v.routing.peer_pulls }}{{ end -}}
+{{- if hasKey $v.routing "pending_ttl_s" }}{{ $_ := set $routing "pending_ttl_s" (float64 $v.routing.pending_ttl_s) }}{{ end -}}
+{{- range $k := list "link_bytes_per_s" "linear_flops_per_s" "index_flops_per_s" -}}
+{{- $x := index $v.routing $k -}}
+{{- if not (kindIs "invalid" $x) }}{{ $_ := set $routing $k (float64 $x) }}{{ end -}}
+{{- end -}}
 {{- $args := dict "model" $v.model.path "transfer" $v.transfer "router" $router "routing" $routing
       "block_size" (int $v.block_size) "lease_s" (float64 $v.lease_s) "transfer_timeout_s" (float64 $v.transfer_timeout_s)
       "dtype" $v.dtype "device" (default "auto" $v.device) "app_name" $v.app_name
@@ -185,6 +191,11 @@ groups. Argument: the kind's values (.Values.prefill or .Values.decode).
 {{- end -}}
 {{- if not (kindIs "invalid" $v.max_model_len) -}}
 {{- $_ := set $args "max_model_len" (int $v.max_model_len) -}}
+{{- end -}}
+{{- with $v.sharedDiskCache -}}
+{{- if .enabled -}}
+{{- $_ := set $args "shared_disk_cache" (dict "dir" .mountPath "max_blocks" (int .max_blocks)) -}}
+{{- end -}}
 {{- end -}}
 {{- toYaml $args -}}
 {{- end -}}

@@ -166,6 +166,9 @@ spec:
         {{- with .diskCacheDir }}
         - {name: disk-cache, mountPath: {{ . }}}
         {{- end }}
+        {{- if and (not $isHead) $v.sharedDiskCache $v.sharedDiskCache.enabled }}
+        - {name: shared-kv-cache, mountPath: {{ $v.sharedDiskCache.mountPath }}}
+        {{- end }}
         {{- if and (not $v.redis.enabled) $v.redis.external.tls.secretName }}
         - {name: redis-tls, mountPath: {{ include "dsaserve.redisTlsDir" $root }}, readOnly: true}
         {{- end }}
@@ -204,6 +207,10 @@ spec:
     {{- if $v.model.fetch.enabled }}
     - name: fetch-tmp
       emptyDir: {}
+    {{- end }}
+    {{- if and (not $isHead) $v.sharedDiskCache $v.sharedDiskCache.enabled }}
+    - name: shared-kv-cache
+      persistentVolumeClaim: {claimName: {{ $v.sharedDiskCache.pvc.claimName }}}
     {{- end }}
     {{- if .diskCacheDir }}
     {{- with $spec.diskCacheVolume }}
