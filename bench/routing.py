@@ -266,15 +266,17 @@ class Simulation:
                 srv.used_blocks -= blocks
         return self.report()
 
-    def matches(self, r: TraceRequest) -> tuple[dict[str, int], dict[str, int]]:
+    def matches(self, r: TraceRequest) -> tuple[dict[str, int], dict[str, int], list[PullSource]]:
         """Per prefill and per decode worker: the leading prompt blocks the router believes it holds
-        (the KV index, extended by pending routes when the router keeps them)."""
+        (the KV index, extended by pending routes when the router keeps them), and the pull sources:
+        only what the index shows, as ``router.routing`` does (pending blocks may not be computed yet)."""
         pm = {w: m[0] for w, m in self.index.longest_prefix(r.hash_ids, self.prefill).items()}
         dm = {w: m[0] for w, m in self.dindex.longest_prefix(r.hash_ids, self.decode).items()}
+        sources = self.pull_sources(pm, dm)
         if self.pending is not None:
             pm = self.pending.extend(r.hash_ids, pm, self.prefill)
             dm = self.pending.extend(r.hash_ids, dm, self.decode)
-        return pm, dm
+        return pm, dm, sources
 
     def prefill_candidates(self, now: float, matched: dict[str, int]) -> list[PrefillCandidate]:
         """What the router sees: index matches, and the load a worker reports (its own estimate)."""
@@ -306,8 +308,7 @@ class Simulation:
 
     def arrive(self, now: float, rid: int) -> None:
         r = self.trace[rid]
-        pm, dm = self.matches(r)
-        sources = self.pull_sources(pm, dm)
+        pm, dm, sources = self.matches(r)
         req = RouteRequest(r.input_length, TRACE_BLOCK, r.output_length, block_bytes=self.block_bytes,
                            link_bytes_per_s=self.cfg.link_bytes_per_s)
         d = self.policy.route(req, self.prefill_candidates(now, pm), self.decode_candidates(dm), sources=sources)

@@ -17,6 +17,8 @@ from workers.engine.types import GenerateRequest, SamplingParams, TransferStats,
 WORKER_KEYS = {"id", "role", "requests_total", "running", "waiting", "free_blocks", "total_blocks", "tokens_per_s",
                "queued_tokens", "kv_transfer", "healthy", "indexed", "weight_bytes", "kv_bytes_per_token"}
 KV_TRANSFER_KEYS = {"backend", "bytes", "transfers", "failures"}
+# Keys present only when the worker has that part (expert parallelism, context-cache tiers, peer pulls...).
+OPTIONAL_WORKER_KEYS = {"ep", "context_cache_hits", "peer_pulls", "step_tokens", "disk_volume"}
 
 FULL = WorkerStats(
     worker_id="decode-1", role="decode", waiting=2, running=3, free_blocks=40, total_blocks=64, tokens_per_s=12.5,
@@ -24,6 +26,9 @@ FULL = WorkerStats(
     kv_transfer=TransferStats("nixl", bytes=4096, transfers=5, failures=1, seconds=0.25),
     weight_bytes=123456, kv_bytes_per_token=1152.0,
     ep={"ep_size": 2, "rank": 0, "healthy": True, "bytes_sent": 512, "pids": [11, 12]},
+    context_cache_hits={"host": 3, "shared": 2},
+    peer_pulls={"pulled_blocks": 9, "pulled_bytes": 900, "pull_failures": 1, "exported_blocks": 4},
+    step_tokens=2048, disk_volume="ab12",
 )
 MINIMAL = WorkerStats(worker_id="prefill-0", role="prefill", waiting=0, running=0, free_blocks=8, total_blocks=8)
 
@@ -36,6 +41,9 @@ def test_to_json_is_the_cli_shape():
         "kv_transfer": {"backend": "nixl", "bytes": 4096, "transfers": 5, "failures": 1, "seconds": 0.25},
         "healthy": False, "indexed": True, "weight_bytes": 123456, "kv_bytes_per_token": 1152.0,
         "ep": {"ep_size": 2, "rank": 0, "healthy": True, "bytes_sent": 512, "pids": [11, 12]},
+        "context_cache_hits": {"host": 3, "shared": 2},
+        "peer_pulls": {"pulled_blocks": 9, "pulled_bytes": 900, "pull_failures": 1, "exported_blocks": 4},
+        "step_tokens": 2048, "disk_volume": "ab12",
     }
     plain = MINIMAL.to_json()  # no EP block, no read timing: those keys are absent, not null
     assert set(plain) == WORKER_KEYS and set(plain["kv_transfer"]) == KV_TRANSFER_KEYS

@@ -13,8 +13,10 @@ def test_status_json_after_the_wire_is_the_workers_json():
     out = wire.status_from_proto(wire.status_to_proto(status))
     assert out["mode"] == "cluster" and out["router"] == {"requests_total": 9, "in_flight": 2, "errors_total": 1}
     (w,) = out["workers"]
-    assert set(w) == WORKER_KEYS and set(w["kv_transfer"]) == KV_TRANSFER_KEYS
-    # The message carries neither the EP block nor the read timing; everything else arrives as sent.
+    assert set(w) == WORKER_KEYS | {"context_cache_hits", "peer_pulls", "disk_volume"}
+    assert set(w["kv_transfer"]) == KV_TRANSFER_KEYS
+    # The message carries neither the EP block, the read timing nor the step size (the router reads
+    # those from the workers directly); everything else arrives as sent.
     want = FULL.to_json()
-    del want["ep"], want["kv_transfer"]["seconds"]
+    del want["ep"], want["kv_transfer"]["seconds"], want["step_tokens"]
     assert w == want

@@ -352,7 +352,7 @@ class Engine:
         if kind == "add":
             self._add(cmd[1], cmd[2], cmd[3])
         elif kind == "export":
-            self._export(*cmd[1:])
+            self.peers.serve_export(*cmd[1:])
         elif kind == "import":
             self.requests_total += 1
             self.importer.pending.append(cmd[1])
@@ -393,16 +393,6 @@ class Engine:
         if prefix is not None:
             self.peers.pull(seq, prefix)
         self.scheduler.add(seq)
-
-    def _export(self, request_id: str, hashes: list[BlockHash], first_block: int,
-                sink: Callable[[KVHandle | None], None]) -> None:
-        handle = self.peers.export(request_id, hashes, first_block)
-        try:
-            sink(handle)
-        except Exception:  # the caller is gone: nobody will read the blocks
-            if handle is not None:
-                self.leases.release(handle.request_id)
-            raise
 
     def _new_sequence(self, request: GenerateRequest, token_ids: list[int]) -> Sequence:
         return Sequence(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from kvstore.handle import KVHandle, LayoutFingerprint
@@ -69,6 +70,17 @@ class PeerCache:
             raise
         self.exported_blocks += len(blocks)
         return handle
+
+    def serve_export(self, request_id: str, hashes: Seq[BlockHash], first_block: int,
+                     sink: Callable[[KVHandle | None], None]) -> None:
+        """``export``, its handle (or None) handed to ``sink``; a failing sink ends the lease at once."""
+        handle = self.export(request_id, hashes, first_block)
+        try:
+            sink(handle)
+        except Exception:  # the caller is gone: nobody will read the blocks
+            if handle is not None:
+                self.leases.release(handle.request_id)
+            raise
 
     # ------------------------------------------------------------------ reader
     def pull(self, seq: Sequence, handle: KVHandle) -> None:
