@@ -55,6 +55,7 @@ def measure_prefill_s_per_token(model_dir: Path, tokens: int = 1024) -> float:
     """Seconds per token of one uncached prefill of ``tokens`` on this machine (best of 3)."""
     from workers.model import load_model
 
+    torch.set_num_threads(1)  # as each replica's engine (ClusterConfig's torch_threads default)
     model = load_model(model_dir)
     ids = torch.tensor([random_ids(tokens, seed=7)])
     best = float("inf")
@@ -151,7 +152,8 @@ def main() -> int:
     p.add_argument("--num-blocks", type=int, default=160, help="KV blocks per prefill replica (cache pressure)")
     p.add_argument("--decode-blocks", type=int, default=640)
     p.add_argument("--max-tokens", type=int, default=4)
-    p.add_argument("--utilization", type=float, default=0.7, help="no-cache prefill work / prefill capacity")
+    p.add_argument("--utilization", type=float, default=0.5,
+                   help="no-cache prefill work / prefill capacity (the replicas share this machine's cores)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if args.quick:
