@@ -131,6 +131,7 @@ def test_a_busy_holder_lends_its_prefix_to_the_other_replica(cluster, model):
     prefix = _ids(600, 5)
     _generate(cluster.address, prefix + _ids(20, 6))
     _wait_held(cluster, prefix, 9, "prefill")
+    time.sleep(1.0)  # the workers' periodic counters catch up with the first request
     before = _workers(cluster.address)
     prompts = [prefix + _ids(1200, 20 + i) for i in range(4)]  # the first keeps its holder busy ~1 s
     with cf.ThreadPoolExecutor(4) as pool:
@@ -138,13 +139,22 @@ def test_a_busy_holder_lends_its_prefix_to_the_other_replica(cluster, model):
     assert all(c.usage.cached_tokens >= 512 for c in done), [c.usage.cached_tokens for c in done]
     for p, c in zip(prompts, done):
         assert list(c.token_ids) == reference_greedy(model, p, 3)
-    after = _workers(cluster.address)
-    delta = {w: {k: after[w].get("peer_pulls", {}).get(k, 0) - before.get(w, {}).get("peer_pulls", {}).get(k, 0)
-                 for k in ("pulled_blocks", "pulled_bytes", "exported_blocks")} for w in after}
+
+    def moved() -> dict[str, dict[str, int]]:
+        after = _workers(cluster.address)
+        return {w: {k: after[w].get("peer_pulls", {}).get(k, 0) - before.get(w, {}).get("peer_pulls", {}).get(k, 0)
+                    for k in ("pulled_blocks", "pulled_bytes", "exported_blocks")} for w in after}
+
     # The prefix is read by the other prefill replica, from whichever replica holds it (the decode
-    # replica holds it too: it imported the first request's blocks).
-    assert any(d["pulled_blocks"] >= 9 and d["pulled_bytes"] > 0 for w, d in delta.items() if w.startswith("prefill")), delta
-    assert any(d["exported_blocks"] >= 9 for d in delta.values()), delta
+    # replica holds it too: it imported the first request's blocks). Counters arrive periodically.
+    def pulled(delta) -> bool:
+        return (any(d["pulled_blocks"] >= 9 and d["pulled_bytes"] > 0 for w, d in delta.items() if w.startswith("prefill"))
+                and any(d["exported_blocks"] >= 9 for d in delta.values()))
+
+    deadline = time.monotonic() + 15
+    while not pulled(delta := moved()) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert pulled(delta), delta
 
 
 def test_the_next_turn_reuses_blocks_the_decode_replica_filled(cluster, model):
@@ -170,8 +180,14 @@ def test_the_shared_disk_cache_serves_hits_after_every_replica_restarted(cluster
     cluster.restart()
     done = _generate(cluster.address, prefix + _ids(20, 11))
     assert done.usage.cached_tokens >= 512
-    hits = sum(w.get("context_cache_hits", {}).get("shared", 0) for w in _workers(cluster.address).values())
+    deadline = time.monotonic() + 15  # workers publish their counters periodically
+    while (hits := _shared_hits(cluster)) < 9 and time.monotonic() < deadline:
+        time.sleep(0.25)
     assert hits >= 9
+
+
+def _shared_hits(cluster: Cluster) -> int:
+    return sum(w.get("context_cache_hits", {}).get("shared", 0) for w in _workers(cluster.address).values())
 
 
 def _volume(cluster: Cluster) -> str:
