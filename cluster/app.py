@@ -259,7 +259,8 @@ def build_app(config: ClusterConfig, model_dir: Path):
             max_ongoing_requests=max(8, g.max_num_seqs * 2), request_router_config=router_config,
             **serve_options(g.ep_size, g.num_cpus, g.num_gpus, g.resources),
         ).bind(str(model_dir), g.engine(**common), config.transfer, g.torch_threads, config.transfer_timeout_s, index,
-               ep if g.ep_size > 1 else None, dtype=config.dtype, device=config.device)
+               ep if g.ep_size > 1 else None, dtype=config.dtype, device=config.device,
+               fp8_weights=config.fp8_weights)
 
     prefill = group(PrefillServer, "prefill", config.prefill)
     decode = group(DecodeServer, "decode", config.decode)

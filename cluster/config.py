@@ -173,7 +173,16 @@ class ClusterConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="weight dtype of prefill and decode replicas; auto: bfloat16 where the replica's machine "
         "computes it natively (a GPU, a CPU with AVX-512-BF16 or AMX), float32 otherwise (workers/model/device.py)")
+    fp8_weights: Literal["resident", "dequantize"] = Field(
+        "resident", description="an FP8 checkpoint's weights: resident (kept FP8 with their block scales, "
+        "computed blockwise) or dequantize (to dtype at load, the reference path; needs ep_size 1)")
     app_name: str = Field("dsaserve", description="Ray Serve application name")
+
+    @model_validator(mode="after")
+    def _fp8_dequantize_without_ep(self) -> "ClusterConfig":
+        if self.fp8_weights == "dequantize" and max(self.prefill.ep_size, self.decode.ep_size) > 1:
+            raise ValueError("fp8_weights: dequantize needs ep_size 1 (expert-parallel ranks load FP8 weights resident)")
+        return self
 
 
 class ClusterConfigError(ValueError):

@@ -80,7 +80,7 @@ class _EngineServer:
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, transfer: str, torch_threads: int = 1,
                  transfer_timeout_s: float = 30.0, index: dict | None = None, ep: dict | None = None,
-                 dtype: str = "float32", device: str = "cpu") -> None:
+                 dtype: str = "float32", device: str = "cpu", fp8_weights: str = "resident") -> None:
         """``ep``: ``{"ep_size", "timeout_s", "num_cpus", "num_gpus", "resources"}`` when a replica spans
         expert-parallel ranks (``cluster.ep.RayEPGroup``); None or ep_size 1: one process.
         ``dtype``/``device``: ``ClusterConfig.dtype``/``device``, resolved here, on the machine the replica
@@ -115,7 +115,7 @@ class _EngineServer:
                                        dtype=dtype_name(self.dtype), torch_threads=torch_threads).start()
             model = self.ep_group.model
         else:
-            model = load_model(model_dir, dtype=self.dtype, device=self.device)
+            model = load_model(model_dir, dtype=self.dtype, device=self.device, fp8_weights=fp8_weights)
         self.engine = Engine(model, engine_config, role=self.role, worker_id=self.worker_id, model_id=model_id,
                              **events, **self._transfer_args(transfer, transfer_timeout_s))
         if self.publisher is not None:

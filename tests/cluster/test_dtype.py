@@ -55,8 +55,8 @@ def test_a_replica_loads_the_model_in_the_dtype_its_machine_resolves(monkeypatch
     class Loaded(Exception):
         """Stops the replica right after the load (the rest needs a running Ray)."""
 
-    def load_model(path, *, dtype, device):
-        assert device == torch.device("cpu")  # device "auto" on a machine without CUDA
+    def load_model(path, *, dtype, device, fp8_weights):
+        assert device == torch.device("cpu") and fp8_weights == "resident"  # device "auto" without CUDA
         seen.append(dtype)
         raise Loaded
 
@@ -67,3 +67,15 @@ def test_a_replica_loads_the_model_in_the_dtype_its_machine_resolves(monkeypatch
     with pytest.raises(Loaded):
         servers.DecodeServer("/models/tiny", EngineConfig(), "ray", dtype=dtype)
     assert seen == [getattr(torch, want)]
+
+
+def test_fp8_weights_reach_both_deployments_and_dequantize_needs_one_rank():
+    pytest.importorskip("ray")
+    from cluster.app import build_app
+
+    app = build_app(ClusterConfig(model="tiny", fp8_weights="dequantize"), Path("/models/tiny"))
+    workers = [a._bound_deployment for a in app._bound_deployment.init_args[:2]]
+    assert [w.init_kwargs["fp8_weights"] for w in workers] == ["dequantize", "dequantize"]
+    assert ClusterConfig(model="tiny").fp8_weights == "resident"
+    with pytest.raises(ValueError, match="fp8_weights: dequantize needs ep_size 1"):
+        ClusterConfig(model="tiny", fp8_weights="dequantize", prefill={"ep_size": 2})

@@ -183,6 +183,7 @@ groups. Argument: the kind's values (.Values.prefill or .Values.decode).
 {{- $args := dict "model" $v.model.path "transfer" $v.transfer "router" $router "routing" $routing
       "block_size" (int $v.block_size) "lease_s" (float64 $v.lease_s) "transfer_timeout_s" (float64 $v.transfer_timeout_s)
       "dtype" $v.dtype "device" (default "auto" $v.device) "app_name" $v.app_name
+      "fp8_weights" (default "resident" $v.fp8_weights)
       "prefill" (include "dsaserve.workerArgs" (merge (dict "kind" "prefill") $v.prefill) | fromYaml)
       "decode" (include "dsaserve.workerArgs" (merge (dict "kind" "decode") $v.decode) | fromYaml) -}}
 {{- with (include "dsaserve.redisUrl" .) -}}
