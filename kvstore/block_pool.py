@@ -62,6 +62,16 @@ class BlockPool:
             out.append(block)
         return out
 
+    def acquire_prefix(self, hashes: Sequence[BlockHash],
+                       restore: Callable[[list[BlockHash]], list[int]] | None = None) -> list[int]:
+        """Referenced blocks holding the longest cached prefix of ``hashes``: the pool's, then the ones
+        ``restore`` loads from slower tiers (fresh, committed and referenced, for a prefix of the rest)."""
+        blocks = self.lookup(hashes)
+        self.acquire(blocks)
+        if restore is not None and len(blocks) < len(hashes):
+            blocks += restore(list(hashes[len(blocks) :]))
+        return blocks
+
     def acquire(self, blocks: Sequence[int]) -> None:
         """Take a reference on each block (a prefix hit, or a second holder such as a lease)."""
         for b in blocks:

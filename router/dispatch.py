@@ -186,12 +186,11 @@ class Dispatcher:
         self.routes[decision.reason] = self.routes.get(decision.reason, 0) + 1
         decode = self.workers.decode(decision.decode_worker)
         uncached = len(req.prompt_token_ids) - decision.expected_cached_tokens
-        self.routing.start(req.request_id, route, uncached, remember=decision.pull is None)
+        self.routing.start(route, uncached)
         prefilling, prefix = True, None
         try:
-            prefix = await self._export(req, route)
-            if decision.pull is not None:
-                self.routing.remember(req.request_id, route)
+            prefix = await self._export(req, route)  # no pull: returns at once, without yielding
+            self.routing.remember(req.request_id, route)
             if decision.prefill_worker is None:  # conditional disaggregation: prefill on the decode worker
                 stream = decode.generate(req, prefix)
             else:

@@ -28,6 +28,7 @@ from router.policy import (
 )
 from workers.engine.types import GenerateRequest, WorkerStats
 
+log = logging.getLogger(__name__)
 MIN_MEASURED_BYTES = 1 << 20  # KV bytes read before the link speed is taken from measurements
 
 
@@ -41,8 +42,6 @@ class Route:
     def pulled_hashes(self) -> tuple[BlockHash, ...]:
         pull = self.decision.pull
         return () if pull is None else self.hashes[pull.first_block : pull.first_block + pull.num_blocks]
-
-log = logging.getLogger(__name__)
 
 
 class CacheAwareRouting:
@@ -112,17 +111,14 @@ class CacheAwareRouting:
             raise BackendUnavailable(str(e)) from e
         return Route(decision, tuple(hashes))
 
-    def start(self, request_id: str, route: Route, uncached_tokens: int, *, remember: bool = True) -> None:
-        """``route`` is being carried out: count its prefill work and (``remember``) its blocks as
-        pending on the workers that will hold them."""
+    def start(self, route: Route, uncached_tokens: int) -> None:
+        """``route`` is being carried out: count its prefill work (``remember`` records its blocks)."""
         self.assign(route.decision.prefill_worker, uncached_tokens)
-        if remember:
-            self.remember(request_id, route)
 
     def remember(self, request_id: str, route: Route) -> None:
         """Count the prompt's blocks as pending on the prefill worker and the decode worker it hands to.
-        A pull's destination is remembered once its prefix export is in hand: a request routed there
-        for the prefix meanwhile could reach it before the pull and compute the prefix itself."""
+        Call it once a pull's prefix export is in hand: a request routed to the puller for the prefix
+        before that could reach it ahead of the pull and compute the prefix itself."""
         d = route.decision
         for worker_id in {d.prefill_worker or d.decode_worker, d.decode_worker}:
             self.pending.record(request_id, worker_id, route.hashes)

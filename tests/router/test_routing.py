@@ -70,7 +70,8 @@ def test_a_routed_prefix_counts_on_its_worker_before_the_index_shows_it():
     routing = CacheAwareRouting(policy, InMemoryKVIndex("m", BLOCK), model_id="m", block_size=BLOCK)
     workers = [worker("p0", "prefill"), worker("p1", "prefill"), worker("d0", "decode")]
     first = asyncio.run(routing.plan(GenerateRequest("r1", PROMPT), workers))
-    routing.start("r1", first, len(PROMPT))
+    routing.start(first, len(PROMPT))
+    routing.remember("r1", first)
     asyncio.run(routing.decide(GenerateRequest("r2", PROMPT[:-1] + (7,)), workers))
     prefill, decode = policy.offered
     assert [c.matched_blocks for c in prefill] == [4, 0]  # 4 full blocks of the 19 tokens they share

@@ -54,19 +54,14 @@ class PeerCache:
     def export(self, request_id: str, hashes: Seq[BlockHash], first_block: int) -> KVHandle | None:
         """Lease the longest prefix of ``hashes`` this worker holds (any tier) → a handle, or None
         when it holds none of it (or cannot lease it now)."""
-        pool = self.kv.pool
-        blocks = pool.lookup(hashes)
-        pool.acquire(blocks)
-        restore = self.kv.restore
-        if restore is not None and len(blocks) < len(hashes):
-            blocks += restore(list(hashes[len(blocks):]))
+        blocks = self.kv.pool.acquire_prefix(hashes, self.kv.restore)
         if not blocks:
             return None
         try:
             handle = self.leases.export(export_id(request_id), blocks, tuple(hashes[: len(blocks)]), first_block,
                                         self.worker_id, self.fingerprint)
         except Exception:
-            pool.release(blocks)
+            self.kv.pool.release(blocks)
             raise
         self.exported_blocks += len(blocks)
         return handle

@@ -178,11 +178,8 @@ class Scheduler:
         """Start ``seq`` from its longest cached prefix (at least one token is always computed)."""
         bs = self.config.block_size
         hashes = self._prompt_hashes(seq)
-        hit = self.pool.lookup(hashes)
-        self.pool.acquire(hit)
-        if self.restore is not None and len(hit) < len(hashes):
-            hit = hit + self.restore(hashes[len(hit) :])
-        seq.block_table = list(hit)
+        hit = self.pool.acquire_prefix(hashes, self.restore)
+        seq.block_table = hit
         seq.num_computed_tokens = len(hit) * bs
         seq.committed_blocks = len(hit)
         if not seq.admitted_once:
