@@ -136,7 +136,8 @@ async def _serve(args: argparse.Namespace) -> int:
         limits = RequestLimits.from_pairs(args.limit)
     except ValueError as e:
         raise RequestError("limit", str(e)) from None
-    engine_config = EngineConfig(**({"max_queue": args.max_queue} if args.max_queue else {}))
+    engine_config = EngineConfig(**({"max_queue": args.max_queue} if args.max_queue else {}),
+                                 **_eager(args))
     tls = server_tls(args)  # before the model loads: a bad TLS file fails at once
     dtype = _dtype(args)
     if args.no_http and args.http_port is not None:
@@ -228,6 +229,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from cluster.local import LocalBackend
     from router.frontend import Frontend
     from router.tokenizer import Tokenizer
+    from workers.engine.config import EngineConfig
 
     req = _request_from_args(args)
     dtype = _dtype(args)
@@ -245,7 +247,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return 2
     else:
         backend = LocalBackend.start(args.model, dtype=dtype, device=_device(args), num_threads=_engine_threads(),
-                                     fp8_weights=args.fp8_weights)
+                                     fp8_weights=args.fp8_weights, engine_config=EngineConfig(**_eager(args)))
     with backend:
         frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
         completion = asyncio.run(frontend.complete(req))
@@ -297,11 +299,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from cluster.local import LocalBackend
     from router.batch import BatchJob
     from router.frontend import Frontend
+    from workers.engine.config import EngineConfig
     from router.tokenizer import Tokenizer
 
     job = BatchJob.open(args.input, args.output)  # reads and checks the files before loading a model
-    with LocalBackend.start(args.model, dtype=_dtype(args), device=_device(args),
-                            num_threads=_engine_threads(), fp8_weights=args.fp8_weights) as backend:
+    with LocalBackend.start(args.model, dtype=_dtype(args), device=_device(args), num_threads=_engine_threads(),
+                            fp8_weights=args.fp8_weights, engine_config=EngineConfig(**_eager(args))) as backend:
         frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
         summary = asyncio.run(job.run(frontend, concurrency=args.concurrency))
     print(
@@ -341,10 +344,19 @@ def _add_model_arg(parser: argparse.ArgumentParser) -> None:
         help="auto, cpu, cuda or cuda:N; auto = the first CUDA device, else the CPU (default: auto)",
     )
     parser.add_argument(
+        "--enforce-eager", action="store_true",
+        help="never replay decode steps from CUDA graphs (GPU only; the CPU always runs eagerly)",
+    )
+    parser.add_argument(
         "--fp8-weights", choices=("resident", "dequantize"), default="resident",
         help="an FP8 checkpoint's weights: keep them FP8 in memory, dequantized at use (resident), or "
              "expand them into --dtype at load (dequantize); other checkpoints are unaffected (default: resident)",
     )
+
+
+def _eager(args: argparse.Namespace) -> dict[str, int]:
+    """EngineConfig settings of ``--enforce-eager``."""
+    return {"cuda_graph_max_batch": 0} if args.enforce_eager else {}
 
 
 def _device(args: argparse.Namespace) -> Any:

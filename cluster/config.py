@@ -44,6 +44,8 @@ class WorkerGroupConfig(_Strict):
                                    "replica in its folder count)")
     kv_memory_bytes: int | None = Field(None, ge=1, description="KV pool from a byte budget instead of num_blocks")
     kv_memory_fraction: float | None = Field(None, gt=0, le=1, description="KV pool from the memory the weights leave of this share of the device (as vLLM's gpu_memory_utilization); instead of num_blocks")
+    cuda_graph_max_batch: int = Field(64, ge=0, description="decode steps of up to this many sequences replay CUDA graphs "
+                                      "on GPU replicas (0: always eager, as vLLM's --enforce-eager)")
 
     @model_validator(mode="after")
     def _one_kv_budget(self) -> "WorkerGroupConfig":
@@ -60,6 +62,7 @@ class WorkerGroupConfig(_Strict):
             max_queue=max_queue, lease_s=lease_s, host_cache_blocks=self.host_cache_blocks,
             disk_cache_dir=self.disk_cache_dir, disk_cache_blocks=self.disk_cache_blocks,
             kv_memory_bytes=self.kv_memory_bytes, kv_memory_fraction=self.kv_memory_fraction,
+            cuda_graph_max_batch=self.cuda_graph_max_batch,
         )
 
 

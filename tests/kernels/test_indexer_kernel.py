@@ -78,3 +78,22 @@ def test_rows_of_several_sequences_in_one_launch(device):
     q, w = torch.randn(4, heads, dim, generator=gen), torch.randn(4, heads, generator=gen)
     args = on(device, q, w, k, scale, table, seq, q_pos, 32)
     _check_logits(paged_index_logits(*args), paged_index_logits_reference(*args))
+
+
+def test_sync_free_topk_selects_the_reference_set_under_ties():
+    """``topk_earliest`` (the CUDA-graph-safe selection) picks the set ``Indexer``'s tie rule picks: scores
+    with many exact ties (zeros of both signs, as ReLU-weighted sums give), negatives and -inf."""
+    from workers.kernels.indexer import topk_earliest
+    from workers.model.indexer import _topk_earliest_on_ties
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randint(-3, 4, (64, 200), generator=gen).float() / 4
+    logits[logits == 0] = torch.where(torch.rand(int((logits == 0).sum()), generator=gen) < 0.5, -0.0, 0.0)
+    logits[:, 150:] = float("-inf")  # past the rows' positions
+    logits[5] = 0.0
+    for k in (1, 16, 149, 150, 170, 200, 300):
+        got = topk_earliest(logits, k).sort(dim=1).values
+        want = _topk_earliest_on_ties(logits[None], k)[0].sort(dim=1).values
+        assert got.shape == want.shape == (64, min(k, 200))
+        # Entries past the visible keys (-inf) are invalid whichever are picked: compare the visible ones.
+        assert torch.equal(got.masked_fill(got >= 150, -1), want.masked_fill(want >= 150, -1)), k

@@ -76,6 +76,26 @@ def test_loaded_model_runs(bf16_dir):
     assert logits.shape == (1, 5, CONFIG.vocab_size) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("which, dtype, fp8_weights", [
+    ("bf16", torch.bfloat16, "resident"),  # the checkpoint's own dtype: .to() alone would keep the mapping
+    ("fp8", torch.bfloat16, "resident"),
+    ("fp8", torch.float32, "dequantize"),
+])
+def test_a_loaded_model_no_longer_reads_its_checkpoint(which, dtype, fp8_weights, tmp_path, bf16_dir, fp8_dir):
+    """Overwriting the checkpoint's bytes in place after loading changes nothing: every weight was copied
+    out of the file mapping (a mapped weight would read the new bytes, or SIGBUS on a truncated file)."""
+    ckpt = _copy(bf16_dir if which == "bf16" else fp8_dir, tmp_path / which)
+    ids = torch.tensor([[0, 17, 42, 301, 5]])
+    model = load_model(ckpt, dtype=dtype, fp8_weights=fp8_weights)
+    before = model.logits(ids)
+    weights = ckpt / "model.safetensors"
+    header = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+    with open(weights, "r+b") as f:  # in place: the same inode and pages a mapping would see
+        f.seek(header)
+        f.write(bytes(weights.stat().st_size - header))
+    assert torch.equal(model.logits(ids), before)
+
+
 def test_fp8_stores_what_deepseek_quantizes(fp8_dir):
     tensors = checkpoint_tensors(fp8_dir)
     fp8 = {n for n, t in tensors.items() if t.dtype == "F8_E4M3"}

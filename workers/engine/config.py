@@ -38,6 +38,9 @@ class EngineConfig:
     kv_memory_bytes: int | None = None
     kv_memory_fraction: float | None = None
     priority_aging_s: float = 1.0
+    # Pure-decode steps of up to this many sequences replay CUDA graphs (workers/engine/graphs.py) where
+    # the model runs on CUDA with Triton; 0 runs every step eagerly (vLLM's --enforce-eager).
+    cuda_graph_max_batch: int = 64
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
@@ -53,6 +56,8 @@ class EngineConfig:
             raise ValueError(f"engine config kv_memory_bytes must be ≥ 1, got {self.kv_memory_bytes}")
         if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction <= 1:
             raise ValueError(f"engine config kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.cuda_graph_max_batch < 0:
+            raise ValueError(f"engine config cuda_graph_max_batch must be ≥ 0, got {self.cuda_graph_max_batch}")
         if self.shared_disk_blocks < 0:
             raise ValueError(f"engine config shared_disk_blocks must be ≥ 0, got {self.shared_disk_blocks}")
         if self.lease_s <= 0:

@@ -10,6 +10,7 @@ from kvstore.paged import PagedKVStorage
 from workers.model.model import DeepseekV32
 from workers.model.step import StepBatch
 
+from .graphs import DecodeGraphs, prepare_fused
 from .sampler import sample
 from .sequence import Sequence
 from .types import TokenLogprob
@@ -22,12 +23,25 @@ class ModelRunner:
     otherwise dominate prefill.
     """
 
-    def __init__(self, model: DeepseekV32, storage: PagedKVStorage) -> None:
+    def __init__(self, model: DeepseekV32, storage: PagedKVStorage, *, cuda_graph_max_batch: int = 0,
+                 max_model_len: int | None = None) -> None:
+        """``cuda_graph_max_batch``: pure-decode steps of up to this many sequences replay CUDA graphs
+        (``graphs.DecodeGraphs``) where the model qualifies (CUDA; 0: always eager); contexts up to
+        ``max_model_len`` (default: the model's)."""
         self.model = model
         self.storage = storage
         self.device = model.embed.weight.device
         # Resident weight bytes (parameters and buffers, whatever their dtype: FP8 weights count as FP8).
         self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        self.graphs: DecodeGraphs | None = None
+        # Why decode steps run eagerly ("" when graphs are used); the fused MoE serves eager steps too.
+        self.eager_reason = prepare_fused(model) or ""
+        if cuda_graph_max_batch <= 0:
+            self.eager_reason = "cuda graphs off (cuda_graph_max_batch = 0)"
+        if not self.eager_reason:
+            max_len = max_model_len or model.config.max_position_embeddings
+            self.graphs = DecodeGraphs(model, storage, max_batch=cuda_graph_max_batch,
+                                       max_blocks=-(-max_len // storage.layout.block_size))
 
     @torch.inference_mode()
     def run(self, work: Seq[tuple[Sequence, int]], num_decodes: int, sampled: Seq[bool]) -> torch.Tensor:
@@ -37,10 +51,13 @@ class ModelRunner:
         ids: list[int] = []
         for seq, n in work:
             ids.extend(seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n])
+        lens = [seq.num_computed_tokens + n for seq, n in work]
+        if self.graphs is not None and num_decodes == len(work) and self.graphs.fits(len(work), lens):
+            logits = self.graphs.run(ids, [seq.block_table for seq, _ in work], lens)
+            return logits[torch.tensor([i for i, s in enumerate(sampled) if s], device=self.device)]
         batch = StepBatch.build(
-            [seq.block_table for seq, _ in work], [n for _, n in work],
-            [seq.num_computed_tokens + n for seq, n in work], num_decodes, self.storage.layout.block_size,
-            device=self.device,
+            [seq.block_table for seq, _ in work], [n for _, n in work], lens, num_decodes,
+            self.storage.layout.block_size, device=self.device,
         )
         hidden = self.model.hidden_step(torch.tensor(ids, device=self.device), self.storage, batch)
         rows = [batch.query_start[i + 1] - 1 for i, s in enumerate(sampled) if s]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from workers.model.step import PagedLayers, StepBatch
+from workers.model.step_attention import decode_lengths
 
 from .indexer import paged_index_logits, select_from_logits
 from .sparse_mla import sparse_mla_decode, sparse_mla_prefill
@@ -30,8 +31,7 @@ def decode(
     """One query per sequence (rows and sequences 0 .. d-1) → [d, H, v]."""
     d = q_nope.shape[0]
     dev = q_nope.device
-    lens = torch.tensor(batch.context_lens[:d], device=dev)
-    t_max = max(batch.context_lens[:d])
+    lens, t_max = decode_lengths(batch, d)
     tables = batch.block_tables[:d]
     if t_max <= mla.topk:  # every visible position is selected: dense MLA as a sparse list
         idx = torch.arange(t_max, device=dev).expand(d, t_max)

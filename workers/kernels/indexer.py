@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from workers.model.indexer import Indexer, IndexKeys, _topk_earliest_on_ties, select_topk
+from workers.model.indexer import Indexer, IndexKeys, select_topk
 
 _BLOCK_T = 64  # key positions per program: [Hi, BLOCK_T] logits stay in registers
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -120,9 +120,27 @@ def paged_index_logits_reference(
 
 def select_from_logits(logits: torch.Tensor, q_pos: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (torch) of masked logits [S, T] → (idx Long [S, K], valid bool [S, K]), K = min(k, T);
-    ties broken by the earlier position, as ``Indexer.select`` does."""
-    idx = _topk_earliest_on_ties(logits[None], k)[0]
+    ties broken by the earlier position, as ``Indexer.select`` does (the same set; order within it is
+    unspecified). No host synchronisation and no data-dependent shape: CUDA graphs capture it."""
+    idx = topk_earliest(logits, k)
     return idx, idx <= q_pos[:, None]
+
+
+def topk_earliest(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the min(k, T) largest of float32 logits [S, T], the earlier position winning ties →
+    Long [S, K], unsorted.
+
+    One int64 key per logit orders by (score, then earlier position): the score's IEEE bits, mapped to an
+    integer of the same order, above the reversed position. ``Indexer``'s ``_topk_earliest_on_ties`` gets
+    the same set with a fix-up pass for tied rows, which needs a host sync; this needs none.
+    """
+    t = logits.shape[-1]
+    bits = (logits.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)  # + 0.0: -0.0 ties +0.0
+    # Negative floats order like sign-magnitude integers: flipping their magnitude bits makes them
+    # order like two's complement (a larger magnitude becomes a smaller integer).
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    reverse = torch.arange(t - 1, -1, -1, device=logits.device)
+    return ((ordered << 32) + reverse).topk(min(k, t), dim=-1, sorted=False).indices
 
 
 def paged_index_topk(

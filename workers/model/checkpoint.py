@@ -6,8 +6,15 @@ releases (FP8 weights with ``.weight_scale_inv``) and transformers' ``save_pretr
 
 Everything is checked from the safetensors headers before any weight is read, so a broken checkpoint
 fails fast with a message naming the tensor. Weights are then read one at a time from memory-mapped
-files, dequantized/cast, and assigned into a model built on the meta device: the checkpoint is never
-held twice in RAM.
+files, dequantized/cast or copied, and assigned into a model built on the meta device: the checkpoint
+is never held twice in RAM.
+
+Every weight ends up in memory the process owns (device memory on a GPU; anonymous memory on the CPU),
+never as a view of the file mapping, even where its dtype is the checkpoint's: a server must not depend
+on its checkpoint file once loaded (a file replaced or truncated under a mapping kills the process with
+SIGBUS, e.g. a rolling upgrade rewriting a shared volume), and mapped pages are dropped under memory
+pressure and read back from disk in the middle of a decode step. The mapping's pages stay in the page
+cache only as reclaimable cache.
 
 FP8 weights either stay FP8 (``fp8_weights="resident"``, the default: each FP8 projection becomes an
 ``FP8Linear`` holding the e4m3 weight and its block scales, dequantized tile by tile at use) or are
@@ -133,19 +140,29 @@ def load_model(
 
         for item in plan:
             target = torch.float32 if item.internal.endswith(FP32_INTERNAL_SUFFIXES) else dtype
-            weight = read(item.weight).to(device)
+            mapped = read(item.weight)
+            weight = mapped.to(device)
             if item.scale is not None and resident:
-                state[item.internal] = weight
-                state[item.internal + "_scale_inv"] = read(item.scale).to(device, torch.float32)
+                state[item.internal] = _owned(weight, mapped)
+                scale = read(item.scale)
+                state[item.internal + "_scale_inv"] = _owned(scale.to(device, torch.float32), scale)
                 bar.update()
                 continue
             if item.scale is not None:
                 weight = dequantize_weight(weight, read(item.scale).to(device), block, target)
-            state[item.internal] = weight.to(target)
+            state[item.internal] = _owned(weight.to(target), mapped)
             bar.update()
     model.load_state_dict(state, strict=True, assign=True)
     model.configure(indexer=indexer or ("exact" if dtype == torch.float32 else "fp8"))
     return model.eval()
+
+
+def _owned(t: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it still shares memory with ``mapped`` (a view of the checkpoint's mapping:
+    ``.to()`` to the same device and dtype returns its input)."""
+    if t.device == mapped.device and t.untyped_storage().data_ptr() == mapped.untyped_storage().data_ptr():
+        return t.clone()
+    return t
 
 
 def _fp8_modules(model: "DeepseekV32", weights: list[str], block: tuple[int, int]) -> None:

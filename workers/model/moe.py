@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers import kernels
+
 from .config import ModelConfig
 
 
@@ -83,7 +85,9 @@ class Gate(nn.Module):
 class MoE(nn.Module):
     """Routed experts plus always-on shared experts. x: [..., dim] → [..., dim].
 
-    Routed experts run grouped: one GEMM per active expert over its tokens.
+    Routed experts run grouped: one GEMM per active expert over its tokens (``routed``, the reference).
+    On CUDA, once ``workers.kernels.moe.stack_experts`` has set ``stacked`` (the engine does), they run
+    as the fused Triton kernel instead: no host sync, a fixed launch sequence a CUDA graph can capture.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -92,12 +96,18 @@ class MoE(nn.Module):
         self.gate = Gate(config)
         self.experts = nn.ModuleList(MLP(dim, inter) for _ in range(config.n_routed_experts))
         self.shared_experts = MLP(dim, inter * config.n_shared_experts) if config.n_shared_experts else None
+        self.stacked = None  # workers.kernels.moe.StackedExperts: views of the experts' weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x)
-        out = self.routed(x, weights, ids)
+        if self.stacked is not None and kernels.available(x):
+            from workers.kernels.moe import fused_moe
+
+            out = fused_moe(x, weights, ids, self.stacked)
+        else:
+            out = self.routed(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)

@@ -60,10 +60,17 @@ class YarnRotary:
         self.rope_dim = rope_dim
         self.inv_freq = yarn_inv_freq(rope_dim, theta, scaling)
         self.attention_factor = yarn_attention_factor(scaling)
+        self._on_device: dict[torch.device, torch.Tensor] = {}  # inv_freq copied once per device
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        # A copy from host memory in every step would be a host sync, and cannot be captured in a CUDA graph.
+        if device not in self._on_device:
+            self._on_device[device] = self.inv_freq.to(device)
+        return self._on_device[device]
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: Long [B, S] → (cos, sin), each [B, S, rope_dim/2] in ``dtype``."""
-        inv_freq = self.inv_freq.to(positions.device)
+        inv_freq = self._inv_freq(positions.device)
         angles = positions.to(torch.float32)[..., None] * inv_freq
         cos = angles.cos() * self.attention_factor
         sin = angles.sin() * self.attention_factor

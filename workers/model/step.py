@@ -41,6 +41,10 @@ class StepBatch:
     positions Long [N]; block_tables Long [R, W] (padded with block 0, never read past a context);
     slot_blocks / slot_offsets Long [N]: where each row's token is written; query_start: R + 1 row
     offsets; query_lens / context_lens: per sequence (Python ints: they steer Python-level slicing).
+
+    ``lens`` Long [R] (optional) marks a *static-shape* decode step (a CUDA graph, ``workers.engine.graphs``):
+    the context lengths are read from this tensor, ``context_lens`` are then only upper bounds, and the
+    keys a sequence may see span the whole block-table width (W · block_size), masked by ``lens``.
     """
 
     positions: torch.Tensor
@@ -52,6 +56,7 @@ class StepBatch:
     context_lens: tuple[int, ...]
     num_decodes: int
     block_size: int
+    lens: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

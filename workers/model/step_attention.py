@@ -165,6 +165,14 @@ def _dense_limit(mla: "MLA") -> int:
     return max(mla.topk, gather // per_key)
 
 
+def decode_lengths(batch: StepBatch, d: int) -> tuple[torch.Tensor, int]:
+    """Context lengths Long [d] of the first d sequences, on the batch's device, and the key positions to
+    scan: the longest context, or for a static-shape step (``batch.lens`` set) the block-table width."""
+    if batch.lens is not None:  # no Python value may depend on this step's lengths: a graph replays it
+        return batch.lens[:d], batch.block_tables.shape[1] * batch.block_size
+    return torch.tensor(batch.context_lens[:d], device=batch.positions.device), max(batch.context_lens[:d])
+
+
 def _decode(
     mla: "MLA", cache: PagedLayers, layer: int, batch: StepBatch, q_nope: torch.Tensor, q_pe: torch.Tensor,
     index_inputs: tuple[torch.Tensor, ...],
@@ -175,8 +183,7 @@ def _decode(
 
         return attend.decode(mla, cache, layer, batch, q_nope, q_pe, index_inputs)
     d = q_nope.shape[0]
-    lens = torch.tensor(batch.context_lens[:d], device=q_nope.device)
-    t_max = max(batch.context_lens[:d])
+    lens, t_max = decode_lengths(batch, d)
     tables = batch.block_tables[:d]
     lat = read_batch_rows(cache.latent(layer), tables, t_max)  # [d, T, C]
     t = lat.shape[1]

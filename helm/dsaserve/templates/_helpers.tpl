@@ -123,6 +123,9 @@ groups. Argument: the kind's values (.Values.prefill or .Values.decode).
 {{- if not (kindIs "invalid" .kv_memory_bytes) -}}
 {{- $_ := set $a "kv_memory_bytes" (int64 .kv_memory_bytes) -}}
 {{- end -}}
+{{- if not (kindIs "invalid" .cuda_graph_max_batch) -}}
+{{- $_ := set $a "cuda_graph_max_batch" (int .cuda_graph_max_batch) -}}
+{{- end -}}
 {{- /* One unit of the resource its worker group's pods offer: replicas stay on their own group. */ -}}
 {{- $_ := set $a "resources" (dict (printf "dsaserve_%s" .kind) 1.0) -}}
 {{- toYaml $a -}}
