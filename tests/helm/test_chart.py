@@ -11,7 +11,7 @@ import yaml
 
 from cluster.config import ClusterConfig, WorkerGroupConfig
 from cluster.k8s_planner import pods_for, role_states
-from tests.helm.render import NAMESPACE, ROOT, SCENARIOS, render
+from tests.helm.render import NAMESPACE, ROOT, SCENARIOS, render, render_values
 
 SELECTOR = {"app.kubernetes.io/name": "dsaserve", "app.kubernetes.io/instance": "dsaserve"}
 EP_SUPPORTED = "ep_size" in WorkerGroupConfig.model_fields
@@ -78,6 +78,12 @@ def test_values_map_onto_cluster_config():
     assert args["router"]["replicas"] == values["router"]["replicas"]
     assert args["model"] == values["model"]["path"]
     assert "max_model_len" not in render("default").args  # null: the model's
+    cfg = ClusterConfig.model_validate(render("gpu").args)  # CUDA graphs on GPU replicas by default
+    assert cfg.prefill.cuda_graph_max_batch == cfg.decode.cuda_graph_max_batch == 64
+    assert cfg.decode.engine(block_size=64, max_model_len=None, max_queue=8, lease_s=1.0).cuda_graph_max_batch == 64
+    values = render("gpu").values
+    eager = render_values({**values, "decode": {**values["decode"], "cuda_graph_max_batch": 0}}).args
+    assert eager["decode"]["cuda_graph_max_batch"] == 0  # --enforce-eager for the decode group
 
 
 def test_serve_config_is_a_ray_serve_deploy_config(rendered):

@@ -166,7 +166,9 @@ class DecodeGraphs:
             self._forward(b, w)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: another engine thread of this process (local mode's prefill engine) may launch
+        # work on the same GPU meanwhile; only this thread's calls are checked against the capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = self._forward(b, w)
         self._pool = graph.pool()
         return graph, out
