@@ -63,3 +63,26 @@ def test_engine_decodes_through_static_steps_equal_the_reference(monkeypatch):
     assert engine.runner.graphs.steps >= 4  # every decode step after the prompts
     eager = Engine(model, EngineConfig(num_blocks=32, block_size=16, cuda_graph_max_batch=0))
     assert eager.runner.graphs is None and "cuda_graph_max_batch = 0" in eager.runner.eager_reason
+
+
+def test_a_failing_graph_falls_back_to_eager_steps(monkeypatch):
+    """A capture or replay that raises (a torch/GPU limitation, not the request's fault) turns graphs off
+    for good: the step runs eagerly and the tokens are the reference's."""
+    from tests.engine.conftest import prompt, reference_greedy
+    from tests.engine.test_batched_engine import _model, _run
+    from workers.engine.config import EngineConfig
+    from workers.engine.engine import Engine
+    from workers.engine.graphs import DecodeGraphs as Graphs
+
+    model = _model("tiny", topk=16)
+    prompts = [prompt(12, seed=4), prompt(20, seed=5)]
+    want = [reference_greedy(model, p, 3) for p in prompts]
+    monkeypatch.setattr(kernels, "available", lambda t: True)
+
+    def broken(self, *args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(Graphs, "run", broken)
+    engine = Engine(model, EngineConfig(num_blocks=32, block_size=16, cuda_graph_max_batch=4))
+    assert _run(engine, prompts, 3) == want
+    assert engine.runner.graphs is None and "not permitted" in engine.runner.eager_reason

@@ -96,8 +96,9 @@ class Engine:
         self.kv = KVCacheManager(layout, config, model.embed.weight.device, on_block_event=on_block_event,
                                  on_tier_event=on_tier_event, on_shared_event=on_shared_event)
         self.scheduler = Scheduler(config, self.kv.pool, restore=self.kv.restore)
-        self.runner = ModelRunner(model, self.kv.storage, cuda_graph_max_batch=config.cuda_graph_max_batch,
-                                  max_model_len=self.max_model_len)
+        # A prefill-role engine never runs a decode step: no graphs to hold memory for.
+        graphs = config.cuda_graph_max_batch if role != "prefill" else 0
+        self.runner = ModelRunner(model, self.kv.storage, cuda_graph_max_batch=graphs, max_model_len=self.max_model_len)
         self.outputs = OutputProcessor(mc.eos_token_id, self.max_model_len)
         # The holder side of the KV transfer backend (prefill role): publishes where blocks live.
         self.holder = holder_factory(self.kv.storage) if holder_factory else None

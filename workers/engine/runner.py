@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as Seq
 
 import torch
@@ -14,6 +15,8 @@ from .graphs import DecodeGraphs, prepare_fused
 from .sampler import sample
 from .sequence import Sequence
 from .types import TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -42,6 +45,9 @@ class ModelRunner:
             max_len = max_model_len or model.config.max_position_embeddings
             self.graphs = DecodeGraphs(model, storage, max_batch=cuda_graph_max_batch,
                                        max_blocks=-(-max_len // storage.layout.block_size))
+        if self.device.type == "cuda":
+            log.info("decode steps on %s: %s", self.device, self.eager_reason and f"eager ({self.eager_reason})"
+                     or f"CUDA graphs up to {cuda_graph_max_batch} sequences")
 
     @torch.inference_mode()
     def run(self, work: Seq[tuple[Sequence, int]], num_decodes: int, sampled: Seq[bool]) -> torch.Tensor:
@@ -53,8 +59,13 @@ class ModelRunner:
             ids.extend(seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n])
         lens = [seq.num_computed_tokens + n for seq, n in work]
         if self.graphs is not None and num_decodes == len(work) and self.graphs.fits(len(work), lens):
-            logits = self.graphs.run(ids, [seq.block_table for seq, _ in work], lens)
-            return logits[torch.tensor([i for i, s in enumerate(sampled) if s], device=self.device)]
+            try:
+                logits = self.graphs.run(ids, [seq.block_table for seq, _ in work], lens)
+            except Exception as e:  # capture or replay: this GPU's or torch's failure, never the request's
+                log.warning("CUDA graphs failed (%s: %s); decode steps run eagerly from now on", type(e).__name__, e)
+                self.graphs, self.eager_reason = None, f"cuda graphs failed: {type(e).__name__}: {e}"
+            else:
+                return logits[torch.tensor([i for i, s in enumerate(sampled) if s], device=self.device)]
         batch = StepBatch.build(
             [seq.block_table for seq, _ in work], [n for _, n in work], lens, num_decodes,
             self.storage.layout.block_size, device=self.device,
