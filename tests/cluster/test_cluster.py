@@ -93,7 +93,17 @@ def test_status_counts_transferred_bytes_and_nothing_leaks(cluster, cluster_ckpt
             "routed": status["router"]["requests_total"],
         }
 
-    before = totals(_status(cluster.address))
+    # Counters arrive periodically: start from values that no earlier test's late update can still move
+    # (every worker idle, two reads a second apart equal).
+    before, last, deadline = None, None, time.monotonic() + 20
+    while before is None:
+        status = _status(cluster.address)
+        now = totals(status)
+        idle = all(w["running"] == 0 and w["free_blocks"] == w["total_blocks"] for w in status["workers"])
+        if (idle and now == last) or time.monotonic() > deadline:
+            before = now
+        last = now if idle else None
+        time.sleep(1.0)
     with Client(cluster.address, timeout=120) as client:
         for prompt in prompts:
             completion = client.generate(prompt_ids=list(prompt), max_tokens=4, ignore_eos=True)

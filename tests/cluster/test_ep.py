@@ -57,10 +57,16 @@ def test_ep_replicas_give_the_reference_tokens(ep_cluster, cluster_ckpt):
         for name, p in PROMPTS.items():
             out = client.generate(prompt_ids=list(p), max_tokens=8, ignore_eos=True)
             assert list(out.token_ids) == reference_greedy(model, p, 8), name
-    workers = _workers(ray)
+
+    def exchanged(workers: list[dict]) -> bool:
+        return all(w["healthy"] and w["ep"]["ep_size"] == 2 and w["ep"]["bytes_sent"] > 0 and len(w["ep"]["pids"]) == 2
+                   for w in workers)
+
+    deadline = time.monotonic() + 15  # workers publish their counters periodically
+    while not exchanged(workers := _workers(ray)) and time.monotonic() < deadline:
+        time.sleep(0.25)
     assert {w["role"] for w in workers} == {"prefill", "decode"}
-    for w in workers:
-        assert w["healthy"] and w["ep"]["ep_size"] == 2 and w["ep"]["bytes_sent"] > 0 and len(w["ep"]["pids"]) == 2
+    assert exchanged(workers), workers
 
 
 def test_killed_rank_actor_fails_the_request_and_the_replica_is_replaced(ep_cluster):
