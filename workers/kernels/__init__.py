@@ -1,4 +1,4 @@
-"""Triton kernels for DeepSeek Sparse Attention over the paged cache, each beside its PyTorch reference.
+"""Triton kernels for DeepSeek Sparse Attention over the paged cache and for the MoE, each beside its PyTorch reference.
 
 - ``indexer``: lightning-indexer logits over paged (FP8) index keys, for decode and causal prefill;
   top-k selection on those logits runs in torch.
@@ -6,6 +6,8 @@
   (decode with split-K, prefill one pass).
 - ``attend``: the engine's decode and sparse-prefill attention through both (``step_attention`` calls it
   on CUDA; its PyTorch path stays the reference).
+- ``moe``: the routed experts as two grouped GEMMs over tokens aligned by expert, with no host sync
+  (``MoE.forward`` uses it on CUDA once the experts are stacked; ``MoE.routed`` is the reference).
 
 Triton is optional: ``available(t)`` says whether the engine should use the kernels for ``t`` (CUDA
 tensors only; on CPU the engine keeps its PyTorch path). Submodules import triton, so import them only
