@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     layout = BlockLayout(cfg.num_hidden_layers, bs, cfg.latent_dim, torch.bfloat16, cfg.index_head_dim,
                          torch.float8_e4m3fn)
     storage = PagedKVStorage(layout, max(batches) * max_blocks, device="cuda")
-    storage.buffer.random_(0, 120)  # small finite bytes: valid FP8 keys and bf16 latents
+    storage.buffer.random_(0, 60)  # every byte < 0x3C: small finite FP8 keys, bf16 latents and fp32 scales
     print("| context | batch | eager ms/step | graph ms/step | eager tok/s | graph tok/s | graph / eager |")
     print("|---|---|---|---|---|---|---|")
     for ctx in contexts:
