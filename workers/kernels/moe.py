@@ -172,16 +172,21 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 
 
 @triton.jit
-def _partial(acc, a, w, s_ptrs, s_mask, LOW_PRECISION: tl.constexpr, TILE_SCALE: tl.constexpr):
-    """acc [BM, BN] += a [BM, BK] · w [BK, BN], w scaled by its FP8 block scale per column when
-    TILE_SCALE (the K tile lies in one scale block)."""
+def _accumulate(acc, a, w_ptrs, s_ptr, s_col, s_el, w_mask, n_ok,
+                FP8: tl.constexpr, TILE_SCALE: tl.constexpr, LOW_PRECISION: tl.constexpr):
+    """acc [BM, BN] += a [BM, BK] · the weight tile [BK, BN] at ``w_ptrs``; FP8 weights scaled by their
+    block scale from ``s_ptr``: per column (offsets ``s_col`` [BN]) when TILE_SCALE (the K tile lies in
+    one scale block), else per element (offsets ``s_el`` [BK, BN])."""
+    w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    if FP8 and not TILE_SCALE:
+        w = w.to(tl.float32) * tl.load(s_ptr + s_el, mask=w_mask, other=0.0)
     if LOW_PRECISION:
         part = tl.dot(a, w.to(a.dtype))  # e4m3 is exact in bf16/fp16; float weights have a's dtype
     else:
         # fp32 (or the interpreter, whose bf16 dot is wrong): IEEE products, not TF32.
         part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-    if TILE_SCALE:
-        part = part * tl.load(s_ptrs, mask=s_mask, other=0.0)[None, :]
+    if FP8 and TILE_SCALE:
+        part = part * tl.load(s_ptr + s_col, mask=n_ok, other=0.0)[None, :]
     return acc + part
 
 
@@ -217,18 +222,14 @@ def _grouped_gemm_kernel(
             k_ok = (k0 + kk) < K
             a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
             w_mask = k_ok[:, None] & n_ok[None, :]
-            s_ptrs = s_row + (k0 // scale_bi) * stride_sk  # [BN]: TILE_SCALE's per-column scale
-            w = tl.load(w_ptr + w_off + k0 * stride_wk, mask=w_mask, other=0.0)
-            if FP8 and not TILE_SCALE:
-                s_el = s_row[None, :] + ((k0 + kk) // scale_bi)[:, None] * stride_sk
-                w = w.to(tl.float32) * tl.load(ws_ptr + s_el, mask=w_mask, other=0.0)
-            acc_w = _partial(acc_w, a, w, ws_ptr + s_ptrs, n_ok, LOW_PRECISION, FP8 and TILE_SCALE)
+            w_tile = w_off + k0 * stride_wk
+            s_col = s_row + (k0 // scale_bi) * stride_sk  # [BN]
+            s_el = s_row[None, :] + ((k0 + kk) // scale_bi)[:, None] * stride_sk  # [BK, BN]
+            acc_w = _accumulate(acc_w, a, w_ptr + w_tile, ws_ptr, s_col, s_el, w_mask, n_ok,
+                                FP8, TILE_SCALE, LOW_PRECISION)
             if GATED:
-                v = tl.load(v_ptr + w_off + k0 * stride_wk, mask=w_mask, other=0.0)
-                if FP8 and not TILE_SCALE:
-                    s_el = s_row[None, :] + ((k0 + kk) // scale_bi)[:, None] * stride_sk
-                    v = v.to(tl.float32) * tl.load(vs_ptr + s_el, mask=w_mask, other=0.0)
-                acc_v = _partial(acc_v, a, v, vs_ptr + s_ptrs, n_ok, LOW_PRECISION, FP8 and TILE_SCALE)
+                acc_v = _accumulate(acc_v, a, v_ptr + w_tile, vs_ptr, s_col, s_el, w_mask, n_ok,
+                                    FP8, TILE_SCALE, LOW_PRECISION)
         if GATED:
             result = acc_w * tl.sigmoid(acc_w) * acc_v
         else:
