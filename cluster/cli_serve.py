@@ -130,14 +130,12 @@ async def _serve(args: argparse.Namespace) -> int:
     from workers.model.device import dtype_name
 
     from router.limits import RequestLimits
-    from workers.engine.config import EngineConfig
 
     try:
         limits = RequestLimits.from_pairs(args.limit)
     except ValueError as e:
         raise RequestError("limit", str(e)) from None
-    engine_config = EngineConfig(**({"max_queue": args.max_queue} if args.max_queue else {}),
-                                 **_eager(args))
+    engine_config = _engine_config(args, **({"max_queue": args.max_queue} if args.max_queue else {}))
     tls = server_tls(args)  # before the model loads: a bad TLS file fails at once
     dtype = _dtype(args)
     if args.no_http and args.http_port is not None:
@@ -229,7 +227,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from cluster.local import LocalBackend
     from router.frontend import Frontend
     from router.tokenizer import Tokenizer
-    from workers.engine.config import EngineConfig
 
     req = _request_from_args(args)
     dtype = _dtype(args)
@@ -247,7 +244,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return 2
     else:
         backend = LocalBackend.start(args.model, dtype=dtype, device=_device(args), num_threads=_engine_threads(),
-                                     fp8_weights=args.fp8_weights, engine_config=EngineConfig(**_eager(args)))
+                                     fp8_weights=args.fp8_weights, engine_config=_engine_config(args))
     with backend:
         frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
         completion = asyncio.run(frontend.complete(req))
@@ -299,12 +296,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from cluster.local import LocalBackend
     from router.batch import BatchJob
     from router.frontend import Frontend
-    from workers.engine.config import EngineConfig
     from router.tokenizer import Tokenizer
 
     job = BatchJob.open(args.input, args.output)  # reads and checks the files before loading a model
     with LocalBackend.start(args.model, dtype=_dtype(args), device=_device(args), num_threads=_engine_threads(),
-                            fp8_weights=args.fp8_weights, engine_config=EngineConfig(**_eager(args))) as backend:
+                            fp8_weights=args.fp8_weights, engine_config=_engine_config(args)) as backend:
         frontend = Frontend(backend, Tokenizer.load(backend.model_dir))
         summary = asyncio.run(job.run(frontend, concurrency=args.concurrency))
     print(
@@ -354,9 +350,11 @@ def _add_model_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _eager(args: argparse.Namespace) -> dict[str, int]:
-    """EngineConfig settings of ``--enforce-eager``."""
-    return {"cuda_graph_max_batch": 0} if args.enforce_eager else {}
+def _engine_config(args: argparse.Namespace, **settings: Any) -> Any:
+    """The local engines' ``EngineConfig``: ``settings`` plus what ``--enforce-eager`` says."""
+    from workers.engine.config import EngineConfig
+
+    return EngineConfig(**settings, **({"cuda_graph_max_batch": 0} if args.enforce_eager else {}))
 
 
 def _device(args: argparse.Namespace) -> Any:

@@ -58,18 +58,17 @@ class ModelRunner:
         for seq, n in work:
             ids.extend(seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n])
         lens = [seq.num_computed_tokens + n for seq, n in work]
+        tables = [seq.block_table for seq, _ in work]
         if self.graphs is not None and num_decodes == len(work) and self.graphs.fits(len(work), lens):
             try:
-                logits = self.graphs.run(ids, [seq.block_table for seq, _ in work], lens)
+                logits = self.graphs.run(ids, tables, lens)
             except Exception as e:  # capture or replay: this GPU's or torch's failure, never the request's
                 log.warning("CUDA graphs failed (%s: %s); decode steps run eagerly from now on", type(e).__name__, e)
                 self.graphs, self.eager_reason = None, f"cuda graphs failed: {type(e).__name__}: {e}"
             else:
                 return logits[torch.tensor([i for i, s in enumerate(sampled) if s], device=self.device)]
-        batch = StepBatch.build(
-            [seq.block_table for seq, _ in work], [n for _, n in work], lens, num_decodes,
-            self.storage.layout.block_size, device=self.device,
-        )
+        batch = StepBatch.build(tables, [n for _, n in work], lens, num_decodes, self.storage.layout.block_size,
+                                device=self.device)
         hidden = self.model.hidden_step(torch.tensor(ids, device=self.device), self.storage, batch)
         rows = [batch.query_start[i + 1] - 1 for i, s in enumerate(sampled) if s]
         if not rows:
